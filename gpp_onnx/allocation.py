@@ -1,0 +1,87 @@
+"""Choosing which units to prune so that the achieved sparsity meets the target.
+
+Sparsity counts zeros: pruning a unit costs the weights in it that are not zero yet,
+so weights that already are zero count toward the target and all-zero units are
+always marked pruned (for free).
+
+* ``layer`` scope: each layer aims at the target on its own. A layer can only stop at
+  unit boundaries, so each layer first takes the largest prefix of its ranking that
+  stays at or under its share; then the layers whose next unit comes closest to their
+  share are rounded up (largest remainder first) for as long as that brings the
+  overall count nearer the overall target.
+* ``global`` scope: one ranking over all layers. A unit's score is its mean magnitude
+  divided by the mean magnitude of its layer, so layers of different scale (and
+  quantized and float layers) compare; the lowest-scoring prefix whose cost comes
+  closest to the target is pruned.
+
+Ties are broken by position (layer order, then unit order), so results are deterministic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gpp_onnx.patterns import Units
+
+SCOPES = ("layer", "global")
+
+
+def _prefix(costs_in_order: np.ndarray) -> np.ndarray:
+    """Cumulative cost of pruning the first k units (k = 0..n)."""
+    return np.concatenate(([0], np.cumsum(costs_in_order, dtype=np.int64)))
+
+
+def _free_count(costs_in_order: np.ndarray) -> int:
+    """How many leading units cost nothing (are already all zero)."""
+    nonfree = np.flatnonzero(costs_in_order)
+    return int(nonfree[0]) if nonfree.size else len(costs_in_order)
+
+
+def _zeros_to_gain(sizes: np.ndarray, costs: np.ndarray, sparsity: float) -> float:
+    total = int(sizes.sum())
+    return sparsity * total - (total - int(costs.sum()))
+
+
+def _mask(order: np.ndarray, k: int) -> np.ndarray:
+    mask = np.zeros(order.size, bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def select_per_layer(layers: list[Units], sparsity: float) -> list[np.ndarray]:
+    """Pruned-unit masks, one per layer, each layer near ``sparsity`` and the total nearest."""
+    orders = [np.argsort(u.score, kind="stable") for u in layers]
+    prefixes = [_prefix(u.cost[o]) for u, o in zip(layers, orders)]
+    needs = [_zeros_to_gain(u.size, u.cost, sparsity) for u in layers]
+    counts = [
+        max(int(np.searchsorted(cum, need, side="right")) - 1, _free_count(u.cost[o]))
+        for u, o, cum, need in zip(layers, orders, prefixes, needs)
+    ]
+    deficit = sum(needs) - sum(int(cum[k]) for cum, k in zip(prefixes, counts))
+    candidates = []
+    for li, (cum, k, need) in enumerate(zip(prefixes, counts, needs)):
+        if k + 1 < len(cum):
+            step = int(cum[k + 1] - cum[k])
+            candidates.append((-(need - cum[k]) / step if step else 0.0, li, step))
+    for _, li, step in sorted(candidates):
+        if abs(deficit - step) < abs(deficit):
+            counts[li] += 1
+            deficit -= step
+    return [_mask(o, k) for o, k in zip(orders, counts)]
+
+
+def select_global(layers: list[Units], sparsity: float) -> list[np.ndarray]:
+    """Pruned-unit masks from one ranking across layers of layer-normalised scores."""
+    scores = []
+    for u in layers:
+        layer_mean = u.l1.sum() / u.size.sum()
+        scores.append(u.score / layer_mean if layer_mean > 0 else np.zeros(u.score.shape))
+    costs = np.concatenate([u.cost for u in layers])
+    sizes = np.concatenate([u.size for u in layers])
+    order = np.argsort(np.concatenate(scores), kind="stable")
+    cum = _prefix(costs[order])
+    target = _zeros_to_gain(sizes, costs, sparsity)
+    k = max(int(np.argmin(np.abs(cum - target))), _free_count(costs[order]))
+    chosen = _mask(order, k)
+    bounds = np.cumsum([0] + [u.cost.size for u in layers])
+    return [chosen[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

@@ -1,0 +1,160 @@
+"""Loading ONNX models with clear errors, and writing them atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from gpp_onnx.errors import UserError
+
+# Protobuf cannot serialise a message of 2 GiB or more; such models need external data.
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+@dataclass
+class LoadedModel:
+    model: onnx.ModelProto
+    path: Path | None
+    had_external_data: bool
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and attribute tensors of a graph and all its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _graph_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _graph_tensors(sub)
+
+
+def _uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(
+        onnx.external_data_helper.uses_external_data(t) for t in _graph_tensors(model.graph)
+    )
+
+
+def check_input_path(source: str | os.PathLike[str]) -> Path:
+    """Refuse a model path that is missing, a directory or an empty file."""
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; check the model path")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; pass the path of an .onnx file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty (0 bytes); pass a complete ONNX model file")
+    return path
+
+
+def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
+    """Load a model from a path (with its external data) or take a ModelProto as it is."""
+    if isinstance(source, onnx.ModelProto):
+        if _uses_external_data(source):
+            raise UserError(
+                "the ModelProto refers to external data that is not loaded; "
+                "pass the model's path instead, or load it with load_external_data=True"
+            )
+        return LoadedModel(source, None, False)
+    path = check_input_path(source)
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise UserError(
+            f"{path} is not a readable ONNX model ({_first_line(exc)}); "
+            "pass an ONNX file, re-exporting it if it was truncated"
+        ) from None
+    if not model.graph.node or not model.opset_import or model.ir_version < 1:
+        raise UserError(
+            f"{path} is not an ONNX model (no graph, opset or IR version found); "
+            "pass an ONNX file, re-exporting it if it was truncated"
+        )
+    had_external = _uses_external_data(model)
+    if had_external:
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except (OSError, onnx.checker.ValidationError, ValueError) as exc:
+            raise UserError(
+                f"{path}: its external data could not be read ({_first_line(exc)}); "
+                "keep the .data file beside the model under the name the model records"
+            ) from None
+    try:
+        onnx.checker.check_model(path if had_external or _too_big(model) else model)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise UserError(
+            f"{path} is not a valid ONNX model ({_first_line(exc)}); "
+            "re-export it, or fix the model so that onnx.checker accepts it"
+        ) from None
+    return LoadedModel(model, path, had_external)
+
+
+def _too_big(model: onnx.ModelProto) -> bool:
+    return model.ByteSize() > PROTOBUF_LIMIT
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def check_output_path(output: str | os.PathLike[str], inputs: list[Path]) -> Path:
+    """Refuse an output that would overwrite an input or cannot be written."""
+    out = Path(output)
+    data_file = out.parent / (out.name + ".data")
+    for path in inputs:
+        resolved = path.resolve()
+        if out.resolve() == resolved or data_file.resolve() == resolved:
+            raise UserError(
+                f"output {out} would overwrite the input {path}; choose another output path"
+            )
+    if out.is_dir():
+        raise UserError(f"output {out} is a directory; give a file path such as {out}/pruned.onnx")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise UserError(f"output folder {folder} does not exist; create it or choose another")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"output folder {folder} is not writable; choose a writable folder")
+    return out
+
+
+def save_model(model: onnx.ModelProto, output: str | os.PathLike[str], external_data: bool) -> None:
+    """Write ``model`` atomically; with ``external_data`` (or above 2 GiB) as ``OUT`` + ``OUT.data``.
+
+    Everything goes to a temporary folder beside the output first and is renamed into
+    place, so a failure never leaves a half-written file.
+    """
+    out = Path(output)
+    external_data = external_data or _too_big(model)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
+    try:
+        tmp_model = tmp_dir / out.name
+        if external_data:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            onnx.save_model(
+                copy,
+                tmp_model,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=out.name + ".data",
+            )
+            data = tmp_dir / (out.name + ".data")
+            if data.exists():
+                os.replace(data, out.parent / data.name)
+        else:
+            onnx.save_model(model, tmp_model)
+        os.replace(tmp_model, out)
+    except OSError as exc:
+        raise UserError(f"cannot write {out} ({exc.strerror or exc}); choose a writable location") from None
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
