@@ -119,11 +119,16 @@ def check_output_path(output: str | os.PathLike[str], inputs: list[Path]) -> Pat
             )
     if out.is_dir():
         raise UserError(f"output {out} is a directory; give a file path such as {out}/pruned.onnx")
-    folder = out.parent if str(out.parent) else Path(".")
+    folder = out.parent
     if not folder.is_dir():
         raise UserError(f"output folder {folder} does not exist; create it or choose another")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"output folder {folder} is not writable; choose a writable folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UserError(
+            f"output folder {folder} is not writable ({exc.strerror or exc}); choose a writable folder"
+        ) from None
     return out
 
 
@@ -135,7 +140,10 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike[str], external_
     """
     out = Path(output)
     external_data = external_data or _too_big(model)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
+    try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise UserError(f"cannot write {out} ({exc.strerror or exc}); choose a writable location") from None
     try:
         tmp_model = tmp_dir / out.name
         if external_data:
