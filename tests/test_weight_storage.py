@@ -115,7 +115,7 @@ def test_qdq_weights_are_pruned_to_their_zero_point(rng):
     assert out.dtype == np.int8
     zp = zero_points[:, None, None, None]
     row = report.layers[0]
-    assert abs(report.sparsity - 0.6) <= 0.01
+    assert abs(report.sparsity - 0.6) <= 0.5 / 36  # within half a group of the target
     assert (~tiles_of(out, zp)).sum() == row.tiles_total - row.tiles_kept >= 21
     assert (out == zp).mean() == pytest.approx(row.sparsity)
     assert report.layers[0].weight == "Wq"
