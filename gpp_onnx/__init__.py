@@ -9,6 +9,7 @@ from gpp_onnx.annotation import (
     WeightAnnotation,
     read_annotation,
     validate_annotation,
+    write_annotation,
 )
 from gpp_onnx.errors import UserError
 from gpp_onnx.model_io import load_model, save_model
@@ -33,4 +34,5 @@ __all__ = [
     "read_annotation",
     "save_model",
     "validate_annotation",
+    "write_annotation",
 ]
