@@ -1,0 +1,120 @@
+"""A conv layer on VTA: one program per conv group, their execution and their statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from vta_backend.compiler import Program, compile_conv
+from vta_backend.config import VTAConfig
+from vta_backend.quant import QuantConv
+from vta_backend.simulator import run_fast, run_isa
+from vta_backend.timing import Timing, simulate_timing
+
+
+@dataclass
+class LayerStats:
+    """Simulated cost of one conv layer (all groups, one image)."""
+
+    name: str
+    timing: Timing
+    gemm_uops_dense: int
+    tiles_total: int
+    tiles_kept: int
+    dense_cycles: int
+    floor_cycles: int  # every weight tile pruned: what pruning can never remove
+    config: VTAConfig
+
+    @property
+    def gemm_uops_skipped(self) -> int:
+        return self.gemm_uops_dense - self.timing.gemm_uops
+
+    @property
+    def macs(self) -> int:
+        return self.timing.gemm_uops * self.config.BATCH * self.config.BLOCK_IN * self.config.BLOCK_OUT
+
+    @property
+    def tile_sparsity(self) -> float:
+        return 1 - self.tiles_kept / self.tiles_total if self.tiles_total else 0.0
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_cycles / self.timing.cycles
+
+    @property
+    def amdahl_bound(self) -> float:
+        """Speedup if the prunable part of the dense time shrank exactly with the tile sparsity."""
+        prunable = (self.dense_cycles - self.floor_cycles) / self.dense_cycles
+        return 1 / ((1 - prunable) + prunable * (1 - self.tile_sparsity))
+
+    def to_dict(self) -> dict[str, object]:
+        t = self.timing
+        return {
+            "name": self.name,
+            "cycles": t.cycles,
+            "simulated_ms": t.cycles / (self.config.clock_mhz * 1e3),
+            "gemm_uops": t.gemm_uops,
+            "gemm_uops_skipped": self.gemm_uops_skipped,
+            "alu_uops": t.alu_uops,
+            "macs": self.macs,
+            "tiles_total": self.tiles_total,
+            "tiles_kept": self.tiles_kept,
+            "gemm_utilization": t.gemm_uops / t.cycles if t.cycles else 0.0,
+            "busy_cycles": dict(t.busy),
+            "bytes": dict(t.bytes),
+            "bound": t.bound,
+            "dense_cycles": self.dense_cycles,
+            "speedup": self.speedup,
+            "amdahl_bound": self.amdahl_bound,
+            "max_speedup": self.dense_cycles / self.floor_cycles,
+        }
+
+
+@dataclass
+class VtaConv:
+    """A QuantConv compiled for one input shape: one program per conv group."""
+
+    conv: QuantConv
+    in_shape: tuple[int, int, int]  # (C, H, W)
+    programs: list[Program]
+
+    @classmethod
+    def compile(cls, conv: QuantConv, in_shape: tuple[int, int, int], config: VTAConfig) -> "VtaConv":
+        c, h, w = in_shape
+        group_shape = (c // conv.groups, h, w)
+        return cls(conv, in_shape, [compile_conv(conv, group_shape, config, g) for g in range(conv.groups)])
+
+    @property
+    def config(self) -> VTAConfig:
+        return self.programs[0].config
+
+    def run(self, x: np.ndarray, path: str = "fast") -> np.ndarray:
+        """int8 ``[B, C, H, W]`` -> int8 ``[B, OC, OH, OW]`` on the fast path or the ISA interpreter."""
+        execute = run_fast if path == "fast" else run_isa
+        per_group = x.shape[1] // self.conv.groups
+        outputs = [execute(p, x[:, g * per_group:(g + 1) * per_group]) for g, p in enumerate(self.programs)]
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=1)
+
+    def timing(self) -> Timing:
+        total = Timing()
+        for program in self.programs:
+            total.add(simulate_timing(program.insns, program.config))
+        return total
+
+    def stats(self) -> LayerStats:
+        """Simulated cycles, with the dense and the fully pruned variants for comparison."""
+        dense = VtaConv.compile(replace(self.conv, kept=None), self.in_shape, self.config).timing()
+        g = self.programs[0].kept.shape
+        empty = np.zeros((self.conv.groups,) + g, bool)
+        floor = VtaConv.compile(replace(self.conv, kept=empty), self.in_shape, self.config).timing()
+        return LayerStats(
+            name=self.conv.name,
+            timing=self.timing(),
+            gemm_uops_dense=sum(p.stats["gemm_uops_dense"] for p in self.programs),
+            tiles_total=sum(p.stats["tiles_total"] for p in self.programs),
+            tiles_kept=sum(p.stats["tiles_kept"] for p in self.programs),
+            dense_cycles=dense.cycles,
+            floor_cycles=floor.cycles,
+            config=self.config,
+        )

@@ -1,0 +1,125 @@
+"""VTA's integer arithmetic: power-of-two int8 quantization and the requantization rule.
+
+Values are int8 in [-127, 127] with real value ``q * 2**-shift``. A conv accumulates
+int8 x int8 products in int32; with input shift ``s_in`` and weight shift ``s_w`` the
+accumulator holds ``real * 2**(s_in + s_w)``. Requantizing to the output shift ``s_out``
+is, exactly as VTA's ALU does it (and as TVM's quantizer emits it for VTA):
+
+    acc = acc + bias                      # ALU ADD (bias in accumulator units)
+    acc = acc + 2**(r - 1)   if r > 0     # ALU ADD of the rounding constant
+    acc = acc >> r                        # ALU SHR, arithmetic; r = s_in + s_w - s_out
+    acc = min(acc, 127)                   # ALU MIN
+    acc = max(acc, -127)  or  max(acc, 0) with a fused ReLU   # ALU MAX
+    out = low 8 bits of acc               # STORE
+
+All additions wrap at 32 bits. The rounding constant is folded into the bias vector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpp_onnx.errors import UserError
+
+QMAX = 127
+
+
+def shift_for(max_abs: float | np.ndarray, limit: int = 24) -> np.ndarray:
+    """Largest power-of-two shift ``s`` with ``max_abs * 2**s <= 127`` (clamped to +-limit)."""
+    max_abs = np.asarray(max_abs, np.float64)
+    safe = np.where(max_abs > 0, max_abs, 1.0)
+    shift = np.floor(np.log2(QMAX / safe)).astype(np.int64)
+    return np.clip(np.where(max_abs > 0, shift, limit), -limit, limit)
+
+
+def quantize(x: np.ndarray, shift: int | np.ndarray) -> np.ndarray:
+    """Round ``x * 2**shift`` to the nearest integer (half away from zero) and clip to int8 [-127, 127]."""
+    scaled = np.asarray(x, np.float64) * np.exp2(shift)
+    return np.clip(np.sign(scaled) * np.floor(np.abs(scaled) + 0.5), -QMAX, QMAX).astype(np.int8)
+
+
+def dequantize(q: np.ndarray, shift: int | np.ndarray) -> np.ndarray:
+    return q.astype(np.float32) * np.float32(2.0) ** -np.asarray(shift, np.float32)
+
+
+def wrap32(x: np.ndarray) -> np.ndarray:
+    """Two's-complement wrap of integers to int32 (numpy's narrowing cast keeps the low 32 bits)."""
+    return np.asarray(x, np.int64).astype(np.int32)
+
+
+@dataclass
+class QuantConv:
+    """One quantized convolution as VTA runs it.
+
+    ``weight`` is int8 ``[OC, IC/groups, KH, KW]``; ``bias`` int32 per output channel in
+    accumulator units (or None); ``shift`` the requantization shift, one int or one per
+    output channel; ``kept`` the kept-tile map ``[groups, OT, IT, KH*KW]`` from the
+    sparse-tile annotation (None = dense).
+    """
+
+    name: str
+    weight: np.ndarray
+    stride: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    bias: np.ndarray | None = None
+    shift: int | np.ndarray = 0
+    relu: bool = False
+    kept: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.weight.dtype != np.int8 or self.weight.ndim != 4:
+            raise UserError(f"layer {self.name}: weight must be int8 OIHW, got {self.weight.dtype} {self.weight.shape}")
+        if self.weight.shape[0] % self.groups:
+            raise UserError(f"layer {self.name}: {self.weight.shape[0]} output channels do not split into {self.groups} groups")
+        shifts = np.asarray(self.shift)
+        if shifts.ndim > 1 or (shifts.ndim == 1 and shifts.size != self.weight.shape[0]):
+            raise UserError(f"layer {self.name}: shift must be one int or one per output channel")
+        if min(self.stride) < 1 or min(self.dilation) < 1 or min(self.pads) < 0:
+            raise UserError(f"layer {self.name}: stride and dilation must be >= 1 and pads >= 0")
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    @property
+    def kernel(self) -> tuple[int, int]:
+        return self.weight.shape[2], self.weight.shape[3]
+
+    def out_size(self, height: int, width: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
+        top, left, bottom, right = self.pads
+        oh = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
+        ow = (width + left + right - dw * (kw - 1) - 1) // sw + 1
+        if oh < 1 or ow < 1:
+            raise UserError(f"layer {self.name}: a {height}x{width} input is smaller than the {kh}x{kw} kernel")
+        return oh, ow
+
+    def shifts(self) -> np.ndarray:
+        """The requantization shift of every output channel."""
+        return np.broadcast_to(np.asarray(self.shift, np.int64), (self.out_channels,)).copy()
+
+    def bias_with_rounding(self) -> np.ndarray:
+        """int32 per output channel: bias plus the rounding constant ``2**(r-1)`` (r > 0), wrapped."""
+        r = self.shifts()
+        rounding = np.where(r > 0, np.left_shift(1, np.maximum(r - 1, 0)), 0)
+        bias = np.zeros(self.out_channels, np.int64) if self.bias is None else self.bias.astype(np.int64)
+        return wrap32(bias + rounding)
+
+
+def requantize(acc: np.ndarray, bias_with_rounding: np.ndarray, shifts: np.ndarray, relu: bool,
+               channel_axis: int) -> np.ndarray:
+    """VTA's ALU sequence on int32 accumulators: add bias+rounding, shift, clip; int8 result."""
+    shape = [1] * acc.ndim
+    shape[channel_axis] = -1
+    acc = acc.astype(np.int32) + bias_with_rounding.astype(np.int32).reshape(shape)  # wraps at 32 bits
+    r = shifts.astype(np.int32).reshape(shape)
+    acc = np.where(r >= 0, acc >> np.maximum(r, 0), acc << np.maximum(-r, 0))
+    return np.clip(acc, 0 if relu else -QMAX, QMAX).astype(np.int8)
