@@ -146,6 +146,77 @@ def inspect(model: ModelArg, as_json: JsonOpt = False, plot: PlotOpt = None, til
     emit(inspect_model(model, tile=tile), as_json, str(model), plot)
 
 
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise UserError(f"--input-shape {text!r} is not positive integers joined by x, e.g. 1x3x32x32")
+    return tuple(int(p) for p in parts)
+
+
+def load_vta_config(path: Path | None, board: str | None):
+    from dataclasses import replace
+
+    from vta_backend import VTAConfig
+
+    config = VTAConfig.from_json(path) if path is not None else VTAConfig()
+    return replace(config, BOARD=board) if board else config
+
+
+def print_vta_summary(summary: dict, title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in ("layer", "cycles", "limited by", "GEMM uops", "skipped", "tiles kept", "speedup", "Amdahl bound"):
+        table.add_column(column, justify="left" if column in ("layer", "limited by") else "right")
+    for row in summary["layers"]:
+        table.add_row(row["name"], f"{row['cycles']:,}", row["bound"], f"{row['gemm_uops']:,}",
+                      f"{row['gemm_uops_skipped']:,}", f"{row['tiles_kept']}/{row['tiles_total']}",
+                      f"{row['speedup']:.2f}x", f"{row['amdahl_bound']:.2f}x")
+    stdout.print(table)
+    for entry in summary["not_on_vta"]:
+        stdout.print(f"not on VTA: {entry['node']}: {entry['reason']}")
+    stdout.print(
+        f"simulated on VTA ({summary['board']}, {summary['clock_mhz']:g} MHz): {summary['cycles']:,} cycles = "
+        f"{summary['simulated_ms']:.3f} ms per image; speedup over dense {summary['speedup']:.2f}x, "
+        f"Amdahl bound {summary['amdahl_bound']:.2f}x (bias loads, requantization ALU ops and stores "
+        "do not shrink with pruning)"
+    )
+
+
+@app.command("compile")
+@user_errors
+def compile_command(
+    model: ModelArg,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder [default: MODEL-vta/].")] = None,
+    vta_config: Annotated[Optional[Path], typer.Option("--vta-config", help="VTA config JSON (vta_config.json).")] = None,
+    board: Annotated[Optional[str], typer.Option("--board", help="pynq, de10nano, ultra96 or zcu104.")] = None,
+    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Model input shape, e.g. 1x3x32x32.")] = None,
+    activation_shift: Annotated[
+        int, typer.Option("--activation-shift", help="Power-of-two shift of every activation (no calibration here).")
+    ] = 4,
+    per_channel: Annotated[bool, typer.Option("--per-channel", help="Per-output-channel weight scales.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compile MODEL's convs to VTA programs; write the binaries and report simulated cycles."""
+    from vta_backend.model import compile_model, write_programs
+
+    check_input_path(model)
+    output = output or model.with_name(model.stem + "-vta")
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output {output} is a file; give a folder path")
+    check_output_path(output / "summary.json", [model]) if output.is_dir() else check_output_path(output, [model])
+    config = load_vta_config(vta_config, board)
+    loaded = load_model(model)
+    compiled = compile_model(loaded.model, config, parse_shape(input_shape), default_shift=activation_shift,
+                             per_channel=per_channel, track=progress)
+    write_programs(compiled, output)
+    summary = compiled.summary()
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    else:
+        print_vta_summary(summary, f"{model} -> {output}/ (VTA programs; cycles simulated)")
+
+
 @app.command()
 def version() -> None:
     """Print the gpp-onnx version."""

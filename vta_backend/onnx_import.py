@@ -1,0 +1,160 @@
+"""Turn the Conv nodes of an ONNX model into VTA convs: shapes, int8 weights, masks, fusion.
+
+Weights are quantized to int8 with power-of-two scales (per tensor, or per output
+channel), as TVM's quantizer does for VTA. Activation shifts are inputs (calibration
+chooses them); the requantization shift of a conv is ``s_in + s_w - s_out``. A Relu that
+is the only reader of a conv's output is fused (ALU MAX 0). The kept-tile maps come
+from the sparse-tile annotation, which is validated first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from gpp_onnx.annotation import read_annotation, validate_annotation
+from gpp_onnx.errors import UserError
+from gpp_onnx.weights import GraphIndex, find_layers
+from vta_backend.config import VTAConfig
+from vta_backend.quant import QuantConv, quantize, shift_for
+
+DEFAULT_ACTIVATION_SHIFT = 4  # int8 activations with scale 2**-4 (range +-8) when none are given
+
+
+@dataclass
+class ConvSite:
+    """One Conv node: the VTA conv it becomes, or why it stays off VTA."""
+
+    node: str
+    output: str
+    conv: QuantConv | None
+    in_shape: tuple[int, int, int] | None
+    reason: str | None = None
+
+
+def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+def static_shapes(model: onnx.ModelProto, input_shape: tuple[int, ...] | None) -> dict[str, tuple[int, ...]]:
+    """Shapes of every tensor after fixing the model input's shape (batch 1 by default)."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    initializers = {t.name for t in fixed.graph.initializer}
+    inputs = [i for i in fixed.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise UserError(f"the model has {len(inputs)} inputs; VTA compilation expects one image input")
+    dims = inputs[0].type.tensor_type.shape.dim
+    if input_shape is None:
+        input_shape = tuple(1 if i == 0 else d.dim_value for i, d in enumerate(dims))
+        if any(v <= 0 for v in input_shape):
+            raise UserError(f"input '{inputs[0].name}' has no fixed shape; pass --input-shape, e.g. 1x3x32x32")
+    if len(input_shape) != len(dims):
+        raise UserError(f"--input-shape has {len(input_shape)} dimensions, the model input has {len(dims)}")
+    for d, v in zip(dims, input_shape):
+        d.Clear()
+        d.dim_value = v
+    del fixed.graph.value_info[:]
+    inferred = onnx.shape_inference.infer_shapes(fixed)
+    shapes = {}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        tensor_dims = info.type.tensor_type.shape.dim
+        if tensor_dims and all(d.HasField("dim_value") for d in tensor_dims):
+            shapes[info.name] = tuple(d.dim_value for d in tensor_dims)
+    return shapes
+
+
+def extract_convs(
+    model: onnx.ModelProto,
+    config: VTAConfig,
+    input_shape: tuple[int, ...] | None = None,
+    activation_shifts: Mapping[str, int] | None = None,
+    per_channel: bool = False,
+    default_shift: int = DEFAULT_ACTIVATION_SHIFT,
+) -> list[ConvSite]:
+    """Every Conv node of the model in graph order, as a VTA conv or with the reason it is not one.
+
+    ``activation_shifts`` maps tensor names to their power-of-two shifts (from calibration);
+    tensors not in it get ``default_shift``.
+    """
+    annotation = read_annotation(model)
+    if annotation is not None:
+        validate_annotation(model, annotation)
+        if (annotation.tile.block_out, annotation.tile.block_in) != (config.BLOCK_OUT, config.BLOCK_IN):
+            raise UserError(f"the model was pruned for {annotation.tile} tiles but the VTA config has "
+                            f"{config.BLOCK_OUT}x{config.BLOCK_IN}; prune again with --tile matching the config")
+    shapes = static_shapes(model, input_shape)
+    index = GraphIndex(model.graph)
+    layers = {name: layer for layer in find_layers(model) for name in layer.nodes}
+    shifts = dict(activation_shifts or {})
+    sites = []
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+            continue
+        name = index.names[i]
+        layer = layers.get(name)
+        site = ConvSite(name, node.output[0], None, None)
+        sites.append(site)
+        if layer is None or layer.stored is None or layer.skip_reason:
+            site.reason = layer.skip_reason if layer and layer.skip_reason else "weight is not a constant"
+            continue
+        if layer.stored.values.dtype.kind != "f":
+            site.reason = "quantized weights; compile the float model"
+            continue
+        if len(layer.shape) != 4:
+            site.reason = f"{len(layer.shape) - 2}-D conv; VTA runs 2-D convs"
+            continue
+        in_shape = shapes.get(node.input[0])
+        if in_shape is None or len(in_shape) != 4:
+            site.reason = "input shape unknown after shape inference"
+            continue
+        relu = _fused_relu(index, node)
+        s_in = shifts.get(node.input[0], default_shift)
+        s_out = shifts.get(relu or node.output[0], default_shift)
+        weights = layer.stored.values.astype(np.float32)
+        max_abs = np.abs(weights).reshape(weights.shape[0], -1).max(axis=1) if per_channel else np.abs(weights).max()
+        s_w = shift_for(max_abs)
+        q = quantize(weights, s_w.reshape(-1, 1, 1, 1) if per_channel else int(s_w))
+        bias = None
+        if len(node.input) > 2 and node.input[2]:
+            b = index.constant_array(node.input[2])
+            if b is None:
+                site.reason = "bias is not a constant"
+                continue
+            bias_scale = np.exp2(s_in + s_w.astype(np.float64))
+            bias = np.clip(np.round(b.astype(np.float64) * bias_scale), -2**31, 2**31 - 1).astype(np.int32)
+        pads = list(_attr(node, "pads", [0, 0, 0, 0]))  # type: ignore[arg-type]
+        if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            site.reason = "auto_pad is not supported; export with explicit pads"
+            continue
+        entry = annotation.for_weight(layer.weight) if annotation else None
+        requant = s_in + s_w - s_out
+        site.conv = QuantConv(
+            name=name, weight=q,
+            stride=tuple(_attr(node, "strides", [1, 1])),  # type: ignore[arg-type]
+            pads=(pads[0], pads[1], pads[2], pads[3]),
+            dilation=tuple(_attr(node, "dilations", [1, 1])),  # type: ignore[arg-type]
+            groups=int(_attr(node, "group", 1)),  # type: ignore[arg-type]
+            bias=bias, shift=requant.astype(np.int64) if per_channel else int(requant), relu=relu is not None,
+            kept=None if entry is None else entry.kept,
+        )
+        site.in_shape = (in_shape[1], in_shape[2], in_shape[3])
+        if relu is not None:
+            site.output = relu
+    return sites
+
+
+def _fused_relu(index: GraphIndex, node: onnx.NodeProto) -> str | None:
+    """The output of the Relu that alone reads this conv's output, if there is one."""
+    readers = index.consumers.get(node.output[0], [])
+    if len(readers) == 1 and node.output[0] not in index.graph_outputs:
+        reader = index.graph.node[readers[0]]
+        if reader.op_type == "Relu":
+            return reader.output[0]
+    return None
