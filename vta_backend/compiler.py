@@ -97,17 +97,13 @@ class Program:
         """The conv's output channels this program computes."""
         return slice(self.group * self.geometry.out_channels, (self.group + 1) * self.geometry.out_channels)
 
-    @property
+    @cached_property
     def bias_with_rounding(self) -> np.ndarray:
         return self.conv.bias_with_rounding()[self.channels]
 
-    @property
+    @cached_property
     def shifts(self) -> np.ndarray:
         return self.conv.shifts()[self.channels]
-
-    @cached_property
-    def tiles_f32(self) -> np.ndarray:
-        return self.tiles.astype(np.float32)
 
     def binary(self) -> bytes:
         """The instruction stream in VTA's 128-bit encoding."""

@@ -8,6 +8,7 @@ import numpy as np
 
 from vta_backend.compiler import Program, compile_conv
 from vta_backend.config import VTAConfig
+from vta_backend.layout import pack_activations, unpack_activations
 from vta_backend.quant import QuantConv
 from vta_backend.simulator import run_fast, run_isa
 from vta_backend.timing import Timing, simulate_timing
@@ -90,10 +91,19 @@ class VtaConv:
 
     def run(self, x: np.ndarray, path: str = "fast") -> np.ndarray:
         """int8 ``[B, C, H, W]`` -> int8 ``[B, OC, OH, OW]`` on the fast path or the ISA interpreter."""
-        execute = run_fast if path == "fast" else run_isa
         per_group = x.shape[1] // self.conv.groups
-        outputs = [execute(p, x[:, g * per_group:(g + 1) * per_group]) for g, p in enumerate(self.programs)]
+        block_in = self.config.BLOCK_IN
+        outputs = [
+            unpack_activations(self.run_packed(pack_activations(x[:, g * per_group:(g + 1) * per_group], block_in), path, g),
+                               program.geometry.out_channels)
+            for g, program in enumerate(self.programs)
+        ]
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=1)
+
+    def run_packed(self, packed: np.ndarray, path: str = "fast", group: int = 0) -> np.ndarray:
+        """One conv group on VTA's layouts: int8 ``[B, IT, H, W, 16]`` -> int8 ``[B, OT, OH, OW, 16]``."""
+        execute = run_fast if path == "fast" else run_isa
+        return execute(self.programs[group], packed)
 
     def timing(self) -> Timing:
         total = Timing()

@@ -116,10 +116,14 @@ class QuantConv:
 
 def requantize(acc: np.ndarray, bias_with_rounding: np.ndarray, shifts: np.ndarray, relu: bool,
                channel_axis: int) -> np.ndarray:
-    """VTA's ALU sequence on int32 accumulators: add bias+rounding, shift, clip; int8 result."""
+    """VTA's ALU sequence on int32 accumulators (modified in place): add bias+rounding, shift, clip; int8 result."""
     shape = [1] * acc.ndim
     shape[channel_axis] = -1
-    acc = acc.astype(np.int32) + bias_with_rounding.astype(np.int32).reshape(shape)  # wraps at 32 bits
+    acc = np.add(acc, bias_with_rounding.astype(np.int32).reshape(shape), out=acc)  # in place; wraps at 32 bits
     r = shifts.astype(np.int32).reshape(shape)
-    acc = np.where(r >= 0, acc >> np.maximum(r, 0), acc << np.maximum(-r, 0))
-    return np.clip(acc, 0 if relu else -QMAX, QMAX).astype(np.int8)
+    if (r >= 0).all():
+        np.right_shift(acc, r, out=acc)  # arithmetic shift of signed integers
+    else:
+        acc = np.where(r >= 0, acc >> np.maximum(r, 0), acc << np.maximum(-r, 0))
+    np.clip(acc, 0 if relu else -QMAX, QMAX, out=acc)
+    return acc.astype(np.int8)

@@ -9,8 +9,7 @@ Two paths give bit-identical results:
   addressed in elements of that type.
 * :func:`run_fast` - a tile-level path for real workloads: per output-channel tile it
   gathers only the kept (input-channel tile, kernel position) columns and multiplies
-  them with float32 BLAS in chunks of at most 1024 products per sum, which float32
-  holds exactly (|sum| <= 2**24), then wraps to int32 and requantizes.
+  them with ONNX Runtime's integer GEMM (exact int32), then requantizes.
 
 The instruction stream does not depend on the data, so both run every image of the
 batch through the same program (VTA runs them one at a time, BATCH = 1).
@@ -18,14 +17,19 @@ batch through the same program (VTA runs them one at a time, BATCH = 1).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
 import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 
 from vta_backend.compiler import Program
 from vta_backend.isa import AluInsn, AluOp, GemmInsn, MemInsn, MemType, Opcode, decode_program, decode_uops
-from vta_backend.layout import pack_activations, unpack_activations
 from vta_backend.quant import requantize
 
-EXACT_F32_TERMS = 1024  # 1024 * 127 * 128 < 2**24
+_POOL = ThreadPoolExecutor(max_workers=2)
+EXACT_INT32_TILES = 1024  # 1024 tiles * 16 products * 255 * 128 < 2**31
 
 
 class _Machine:
@@ -95,17 +99,30 @@ class _Machine:
             return
         src = self._indices(insn, src0, insn.src_factor_out, insn.src_factor_in)
         wgt = self._indices(insn, wgt0, insn.wgt_factor_out, insn.wgt_factor_in)
-        for d, s, w in zip(dst, src, wgt):
-            x = self.inp[:, s].astype(np.float32)
-            if (w == w[0]).all():
-                product = x @ self.wgt[w[0]].astype(np.float32).T
+        # Micro-ops that write the same accumulator rows (the taps of the same outputs) form one
+        # integer GEMM: their input vectors side by side times their weight tiles stacked.
+        rows, first = np.unique(dst, axis=0, return_index=True)
+        for row in rows[np.argsort(first)]:
+            same = np.flatnonzero((dst == row).all(axis=1))
+            total = self._dot(src[same], wgt[same])  # int32 [B, iterations, BLOCK_OUT]
+            if np.unique(row).size == row.size:
+                self.acc[:, row] += total  # int32 addition wraps, as VTA's accumulator does
             else:
-                product = np.einsum("bni,noi->bno", x, self.wgt[w].astype(np.float32))
-            product = product.astype(np.int32)
-            if np.unique(d).size == d.size:
-                self.acc[:, d] += product
-            else:
-                np.add.at(self.acc, (slice(None), d), product)
+                np.add.at(self.acc, (slice(None), row), total)
+
+    def _dot(self, src: np.ndarray, wgt: np.ndarray) -> np.ndarray:
+        """sum over micro-ops u of inp[src[u, n]] . wgt[wgt[u, n]]^T, exactly, for every iteration n."""
+        batch, (uops, iterations) = self.inp.shape[0], src.shape
+        block_in = self.config.BLOCK_IN
+        if (wgt == wgt[:, :1]).all():  # one weight tile per micro-op: a single integer GEMM
+            items = self.inp.view(np.dtype((np.void, block_in)))[..., 0]  # [B, depth] 16-byte vectors
+            columns = np.take(items, src.T, axis=1).view(np.uint8).reshape(batch * iterations, -1) ^ np.uint8(128)
+            weights = self.wgt[wgt[:, 0]].transpose(0, 2, 1).reshape(uops * block_in, -1)
+            product = _int8_matmul().run(None, {"A": columns, "B": np.ascontiguousarray(weights)})[0]
+            return product.reshape(batch, iterations, -1)
+        x = self.inp[:, src].astype(np.float32)  # [B, uops, iterations, BLOCK_IN]
+        products = np.einsum("buni,unoi->buno", x, self.wgt[wgt].astype(np.float32)).astype(np.int32)
+        return products.sum(axis=1, dtype=np.int32)  # each product is 16 terms: exact in float32
 
     def alu(self, insn: AluInsn) -> None:
         dst0, src0, _ = decode_uops(self.uop[insn.uop_bgn:insn.uop_end], self.config)
@@ -136,10 +153,10 @@ class _Machine:
         self.acc[:, dst] = result.astype(np.int32)
 
 
-def run_isa(program: Program, x: np.ndarray) -> np.ndarray:
-    """Interpret the encoded program on int8 input ``[B, C, H, W]``; int8 output ``[B, OC, OH, OW]``."""
+def run_isa(program: Program, packed: np.ndarray) -> np.ndarray:
+    """Interpret the encoded program: int8 ``[B, IT, H, W, BLOCK_IN]`` -> int8 ``[B, OT, OH, OW, BLOCK_OUT]``."""
     g = program.geometry
-    machine = _Machine(program, pack_activations(x, program.config.BLOCK_IN))
+    machine = _Machine(program, packed)
     for insn in decode_program(program.binary(), program.config):
         if isinstance(insn, MemInsn):
             machine.load(insn) if insn.opcode == Opcode.LOAD else machine.store(insn)
@@ -147,43 +164,87 @@ def run_isa(program: Program, x: np.ndarray) -> np.ndarray:
             machine.gemm(insn)
         elif isinstance(insn, AluInsn):
             machine.alu(insn)
-    packed = machine.out.reshape(x.shape[0], g.oc_tiles, g.out_height, g.out_width, program.config.BLOCK_OUT)
-    return unpack_activations(packed, g.out_channels)
+    return machine.out.reshape(packed.shape[0], g.oc_tiles, g.out_height, g.out_width, program.config.BLOCK_OUT)
 
 
-def accumulate_fast(program: Program, x: np.ndarray) -> np.ndarray:
-    """int32 accumulators ``[B, OC, OH, OW]`` of the kept tiles, computed tile by tile on the host."""
+@lru_cache(maxsize=1)
+def _int8_matmul() -> ort.InferenceSession:
+    """ONNX Runtime's MatMulInteger: uint8 A (zero point 128, i.e. int8 + 128) x int8 B -> exact int32."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["A", "B", "a_zero"], ["Y"])], "int8_matmul",
+        [helper.make_tensor_value_info("A", TensorProto.UINT8, ["M", "K"]),
+         helper.make_tensor_value_info("B", TensorProto.INT8, ["K", "N"])],
+        [helper.make_tensor_value_info("Y", TensorProto.INT32, ["M", "N"])],
+        [numpy_helper.from_array(np.array(128, np.uint8), "a_zero")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # the fast path runs two of these at once
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _same_kept_groups(kept: np.ndarray) -> list[list[int]]:
+    """Output-channel tiles grouped by identical kept (ic tile, position) sets."""
+    groups: dict[bytes, list[int]] = {}
+    for ot in range(kept.shape[0]):
+        groups.setdefault(kept[ot].tobytes(), []).append(ot)
+    return list(groups.values())
+
+
+def run_fast(program: Program, packed: np.ndarray) -> np.ndarray:
+    """The tile-level fast path, bit-identical to :func:`run_isa`, on the same packed layouts.
+
+    One input-channel tile at one pixel of the packed input is one 16-byte item, so gathering
+    the kept (ic tile, kernel position) items of every output pixel is a single ``np.take``
+    (input offset by 128 to uint8). Output-channel tiles with the same kept set share the
+    gather; each such set multiplies its columns with its kept weight tiles in ONNX Runtime's
+    integer GEMM (exact int32 accumulation) and is requantized exactly as VTA's ALU does.
+    Pruned tiles are neither gathered nor multiplied. The sets run on two threads.
+    """
     conv, g, c = program.conv, program.geometry, program.config
-    batch = x.shape[0]
+    batch = packed.shape[0]
     (sh, sw), (dh, dw) = conv.stride, conv.dilation
     top, left, bottom, right = conv.pads
-    padded = np.zeros((batch, g.ic_tiles * c.BLOCK_IN, g.height + top + bottom, g.width + left + right), np.float32)
-    padded[:, :g.in_channels, top:top + g.height, left:left + g.width] = x
-    pixels = batch * g.out_height * g.out_width
-    # columns[n, p * IT + it, i]: input channel it*BLOCK_IN+i at kernel position p for output pixel n
-    columns = np.empty((pixels, g.positions, g.ic_tiles, c.BLOCK_IN), np.float32)
-    for p in range(g.positions):
-        r, q = (p // g.kw) * dh, (p % g.kw) * dw
-        window = padded[:, :, r:r + (g.out_height - 1) * sh + 1:sh, q:q + (g.out_width - 1) * sw + 1:sw]
-        columns[:, p] = window.transpose(0, 2, 3, 1).reshape(pixels, g.ic_tiles, c.BLOCK_IN)
-    columns = columns.reshape(pixels, g.positions * g.ic_tiles, c.BLOCK_IN)
-    out = np.zeros((pixels, g.oc_tiles * c.BLOCK_OUT), np.int64)
-    chunk = EXACT_F32_TERMS // c.BLOCK_IN
-    for ot in range(g.oc_tiles):
-        its, positions = np.nonzero(program.kept[ot])
-        if not its.size:
-            continue
-        # [kept * BLOCK_IN, BLOCK_OUT]: the kept tiles of this oc tile, stacked along the reduction
-        weights = program.tiles_f32[ot, its, positions].transpose(0, 2, 1).reshape(-1, c.BLOCK_OUT)
-        for k in range(0, its.size, chunk):
-            picked = columns[:, positions[k:k + chunk] * g.ic_tiles + its[k:k + chunk]].reshape(pixels, -1)
-            part = picked @ weights[k * c.BLOCK_IN:(k + chunk) * c.BLOCK_IN]
-            out[:, ot * c.BLOCK_OUT:(ot + 1) * c.BLOCK_OUT] += part.astype(np.int64)
-    acc = out[:, :g.out_channels].astype(np.int32)  # wrap to 32 bits, as the int32 accumulator does
-    return acc.reshape(batch, g.out_height, g.out_width, g.out_channels).transpose(0, 3, 1, 2)
+    hp, wp = g.height + top + bottom, g.width + left + right
+    padded = np.full((batch, g.ic_tiles, hp, wp, c.BLOCK_IN), 128, np.uint8)
+    padded[:, :, top:top + g.height, left:left + g.width] = packed.view(np.uint8) ^ np.uint8(128)  # int8 + 128
+    items = padded.view(np.dtype((np.void, c.BLOCK_IN))).reshape(-1)  # one item = one channel tile at one pixel
+    oy, ox = np.arange(g.out_height) * sh, np.arange(g.out_width) * sw
+    pixel_base = ((np.arange(batch)[:, None, None] * g.ic_tiles * hp + oy[None, :, None]) * wp + ox[None, None, :]).ravel()
+    bias = np.zeros((g.oc_tiles, c.BLOCK_OUT), np.int32)
+    bias.reshape(-1)[:g.out_channels] = program.bias_with_rounding
+    shifts = np.zeros((g.oc_tiles, c.BLOCK_OUT), np.int32)
+    shifts.reshape(-1)[:g.out_channels] = program.shifts
+    out = np.empty((batch, g.oc_tiles, g.out_height, g.out_width, c.BLOCK_OUT), np.int8)
+    session = _int8_matmul()
 
+    def tiles_of(task: tuple[list[int], slice]) -> None:
+        ots, images = task
+        count = images.stop - images.start
+        its, positions = np.nonzero(program.kept[ots[0]])
+        acc = np.zeros((count * g.out_height * g.out_width, len(ots) * c.BLOCK_OUT), np.int32)  # nothing kept: 0
+        if its.size:
+            offsets = (its * hp + (positions // g.kw) * dh) * wp + (positions % g.kw) * dw
+            base = pixel_base[images.start * g.out_height * g.out_width:images.stop * g.out_height * g.out_width]
+            columns = np.take(items, base[:, None] + offsets[None, :]).view(np.uint8).reshape(base.size, -1)
+            # [kept * BLOCK_IN, len(ots) * BLOCK_OUT]: the kept tiles, stacked along the reduction
+            weights = program.tiles[ots][:, its, positions].transpose(1, 3, 0, 2).reshape(its.size * c.BLOCK_IN, -1)
+            parts = [  # int32 sums of at most 1024 tiles cannot overflow
+                session.run(None, {"A": columns[:, rows], "B": np.ascontiguousarray(weights[rows])})[0]
+                for rows in (slice(k * c.BLOCK_IN, (k + EXACT_INT32_TILES) * c.BLOCK_IN)
+                             for k in range(0, its.size, EXACT_INT32_TILES))
+            ]
+            acc = parts[0]
+            for part in parts[1:]:
+                acc += part  # int32 addition wraps, as VTA's accumulator does
+        result = requantize(acc, bias[ots].ravel(), shifts[ots].ravel(), conv.relu, channel_axis=-1)
+        result = result.reshape(count, g.out_height, g.out_width, len(ots), c.BLOCK_OUT)
+        for j, ot in enumerate(ots):
+            out[images, ot] = result[:, :, :, j]
 
-def run_fast(program: Program, x: np.ndarray) -> np.ndarray:
-    """The fast path: int8 output ``[B, OC, OH, OW]``, bit-identical to :func:`run_isa`."""
-    return requantize(accumulate_fast(program, x), program.bias_with_rounding, program.shifts,
-                      program.conv.relu, channel_axis=1)
+    groups = _same_kept_groups(program.kept)
+    halves = 2 if len(groups) == 1 and batch > 1 else 1  # one set: split the batch over the two threads
+    bounds = np.linspace(0, batch, halves + 1).astype(int)
+    tasks = [(ots, slice(a, b)) for ots in groups for a, b in zip(bounds[:-1], bounds[1:])]
+    list(_POOL.map(tiles_of, tasks))
+    return out
