@@ -99,11 +99,33 @@ class Program:
 
     @cached_property
     def bias_with_rounding(self) -> np.ndarray:
-        return self.conv.bias_with_rounding()[self.channels]
+        """int32 per output-channel tile and lane, padding lanes 0: ``[OT, BLOCK_OUT]``."""
+        return self._per_lane(self.conv.bias_with_rounding()[self.channels])
 
     @cached_property
     def shifts(self) -> np.ndarray:
-        return self.conv.shifts()[self.channels]
+        """Requantization shift per output-channel tile and lane: ``[OT, BLOCK_OUT]``."""
+        return self._per_lane(self.conv.shifts()[self.channels])
+
+    def _per_lane(self, values: np.ndarray) -> np.ndarray:
+        lanes = np.zeros((self.geometry.oc_tiles, self.config.BLOCK_OUT), np.int32)
+        lanes.reshape(-1)[:self.geometry.out_channels] = values
+        return lanes
+
+    @cached_property
+    def tile_groups(self) -> list[tuple[list[int], np.ndarray, np.ndarray, np.ndarray]]:
+        """Output-channel tiles with identical kept (ic tile, position) sets: ``(ots, its, positions,
+        weights)`` with the kept tiles stacked along the reduction, ``[kept * BLOCK_IN, len(ots) * BLOCK_OUT]``."""
+        sets: dict[bytes, list[int]] = {}
+        for ot in range(self.geometry.oc_tiles):
+            sets.setdefault(self.kept[ot].tobytes(), []).append(ot)
+        groups = []
+        for ots in sets.values():
+            its, positions = np.nonzero(self.kept[ots[0]])
+            weights = self.tiles[ots][:, its, positions].transpose(1, 3, 0, 2)
+            weights = weights.reshape(its.size * self.config.BLOCK_IN, len(ots) * self.config.BLOCK_OUT)
+            groups.append((ots, its, positions, np.ascontiguousarray(weights)))
+        return groups
 
     def binary(self) -> bytes:
         """The instruction stream in VTA's 128-bit encoding."""

@@ -17,6 +17,7 @@ All additions wrap at 32 bits. The rounding constant is folded into the bias vec
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,13 +118,21 @@ class QuantConv:
 def requantize(acc: np.ndarray, bias_with_rounding: np.ndarray, shifts: np.ndarray, relu: bool,
                channel_axis: int) -> np.ndarray:
     """VTA's ALU sequence on int32 accumulators (modified in place): add bias+rounding, shift, clip; int8 result."""
-    shape = [1] * acc.ndim
-    shape[channel_axis] = -1
-    acc = np.add(acc, bias_with_rounding.astype(np.int32).reshape(shape), out=acc)  # in place; wraps at 32 bits
-    r = shifts.astype(np.int32).reshape(shape)
-    if (r >= 0).all():
-        np.right_shift(acc, r, out=acc)  # arithmetic shift of signed integers
+    if channel_axis in (-1, acc.ndim - 1) and acc.flags.c_contiguous:
+        # channels last: view many pixels per row so the per-channel operands broadcast over long rows
+        channels = acc.shape[-1]
+        per_row = math.gcd(acc.size // channels, 256)
+        flat = acc.reshape(-1, channels * per_row)
+        bias_row = np.tile(bias_with_rounding.astype(np.int32), per_row)
+        shift_row = np.tile(shifts.astype(np.int32), per_row)
     else:
-        acc = np.where(r >= 0, acc >> np.maximum(r, 0), acc << np.maximum(-r, 0))
+        shape = [1] * acc.ndim
+        shape[channel_axis] = -1
+        flat, bias_row, shift_row = acc, bias_with_rounding.astype(np.int32).reshape(shape), shifts.astype(np.int32).reshape(shape)
+    np.add(flat, bias_row, out=flat)  # wraps at 32 bits
+    if (shift_row == shift_row.flat[0]).all() and shift_row.flat[0] >= 0:
+        np.right_shift(flat, int(shift_row.flat[0]), out=flat)  # arithmetic shift of signed integers
+    else:
+        flat[...] = np.where(shift_row >= 0, flat >> np.maximum(shift_row, 0), flat << np.maximum(-shift_row, 0))
     np.clip(acc, 0 if relu else -QMAX, QMAX, out=acc)
     return acc.astype(np.int8)

@@ -183,68 +183,66 @@ def _int8_matmul() -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _same_kept_groups(kept: np.ndarray) -> list[list[int]]:
-    """Output-channel tiles grouped by identical kept (ic tile, position) sets."""
-    groups: dict[bytes, list[int]] = {}
-    for ot in range(kept.shape[0]):
-        groups.setdefault(kept[ot].tobytes(), []).append(ot)
-    return list(groups.values())
+def _padded_items(program: Program, packed: np.ndarray) -> np.ndarray:
+    """The input zero-padded, offset by 128 to uint8, as 16-byte items ``[B, IT, Hp, Wp]``."""
+    conv, g, c = program.conv, program.geometry, program.config
+    top, left, bottom, right = conv.pads
+    padded = np.full((packed.shape[0], g.ic_tiles, g.height + top + bottom, g.width + left + right, c.BLOCK_IN),
+                     128, np.uint8)
+    padded[:, :, top:top + g.height, left:left + g.width] = packed.view(np.uint8) ^ np.uint8(128)  # int8 + 128
+    return padded.view(np.dtype((np.void, c.BLOCK_IN)))[..., 0]
+
+
+def _accumulate(program: Program, items: np.ndarray, images: slice, its: np.ndarray, positions: np.ndarray,
+                weights: np.ndarray, width: int) -> np.ndarray:
+    """int32 ``[pixels, width]``: the kept tile columns of these images times their weight tiles."""
+    conv, g, c = program.conv, program.geometry, program.config
+    (sh, sw), (dh, dw) = conv.stride, conv.dilation
+    count = images.stop - images.start
+    pixels = count * g.out_height * g.out_width
+    if not its.size:
+        return np.zeros((pixels, width), np.int32)
+    gathered = np.empty((count, g.out_height, g.out_width, its.size), items.dtype)
+    for j, (it, p) in enumerate(zip(its, positions)):  # strided copy of one tile column
+        r, q = (p // g.kw) * dh, (p % g.kw) * dw
+        gathered[..., j] = items[images, it, r:r + (g.out_height - 1) * sh + 1:sh, q:q + (g.out_width - 1) * sw + 1:sw]
+    columns = gathered.view(np.uint8).reshape(pixels, -1)
+    session = _int8_matmul()
+    acc = None
+    for k in range(0, its.size, EXACT_INT32_TILES):  # int32 sums of at most 1024 tiles cannot overflow
+        rows = slice(k * c.BLOCK_IN, (k + EXACT_INT32_TILES) * c.BLOCK_IN)
+        part = session.run(None, {"A": columns[:, rows], "B": weights[rows]})[0]
+        acc = part if acc is None else np.add(acc, part, out=acc)  # int32 addition wraps, as VTA's does
+    return acc
 
 
 def run_fast(program: Program, packed: np.ndarray) -> np.ndarray:
     """The tile-level fast path, bit-identical to :func:`run_isa`, on the same packed layouts.
 
-    One input-channel tile at one pixel of the packed input is one 16-byte item, so gathering
-    the kept (ic tile, kernel position) items of every output pixel is a single ``np.take``
-    (input offset by 128 to uint8). Output-channel tiles with the same kept set share the
-    gather; each such set multiplies its columns with its kept weight tiles in ONNX Runtime's
-    integer GEMM (exact int32 accumulation) and is requantized exactly as VTA's ALU does.
-    Pruned tiles are neither gathered nor multiplied. The sets run on two threads.
+    One input-channel tile at one pixel of the packed input is one 16-byte item, so the kept
+    (ic tile, kernel position) columns of every output pixel are strided copies of 16-byte
+    items. Output-channel tiles with the same kept set share those columns; each set
+    multiplies them with its kept weight tiles in ONNX Runtime's integer GEMM (exact int32
+    accumulation) and is requantized exactly as VTA's ALU does. Pruned tiles are neither
+    gathered nor multiplied. The sets (or, for one set, the two halves of the batch) run on
+    two threads.
     """
-    conv, g, c = program.conv, program.geometry, program.config
+    g, c = program.geometry, program.config
     batch = packed.shape[0]
-    (sh, sw), (dh, dw) = conv.stride, conv.dilation
-    top, left, bottom, right = conv.pads
-    hp, wp = g.height + top + bottom, g.width + left + right
-    padded = np.full((batch, g.ic_tiles, hp, wp, c.BLOCK_IN), 128, np.uint8)
-    padded[:, :, top:top + g.height, left:left + g.width] = packed.view(np.uint8) ^ np.uint8(128)  # int8 + 128
-    items = padded.view(np.dtype((np.void, c.BLOCK_IN))).reshape(-1)  # one item = one channel tile at one pixel
-    oy, ox = np.arange(g.out_height) * sh, np.arange(g.out_width) * sw
-    pixel_base = ((np.arange(batch)[:, None, None] * g.ic_tiles * hp + oy[None, :, None]) * wp + ox[None, None, :]).ravel()
-    bias = np.zeros((g.oc_tiles, c.BLOCK_OUT), np.int32)
-    bias.reshape(-1)[:g.out_channels] = program.bias_with_rounding
-    shifts = np.zeros((g.oc_tiles, c.BLOCK_OUT), np.int32)
-    shifts.reshape(-1)[:g.out_channels] = program.shifts
+    items = _padded_items(program, packed)
     out = np.empty((batch, g.oc_tiles, g.out_height, g.out_width, c.BLOCK_OUT), np.int8)
-    session = _int8_matmul()
 
-    def tiles_of(task: tuple[list[int], slice]) -> None:
-        ots, images = task
-        count = images.stop - images.start
-        its, positions = np.nonzero(program.kept[ots[0]])
-        acc = np.zeros((count * g.out_height * g.out_width, len(ots) * c.BLOCK_OUT), np.int32)  # nothing kept: 0
-        if its.size:
-            offsets = (its * hp + (positions // g.kw) * dh) * wp + (positions % g.kw) * dw
-            base = pixel_base[images.start * g.out_height * g.out_width:images.stop * g.out_height * g.out_width]
-            columns = np.take(items, base[:, None] + offsets[None, :]).view(np.uint8).reshape(base.size, -1)
-            # [kept * BLOCK_IN, len(ots) * BLOCK_OUT]: the kept tiles, stacked along the reduction
-            weights = program.tiles[ots][:, its, positions].transpose(1, 3, 0, 2).reshape(its.size * c.BLOCK_IN, -1)
-            parts = [  # int32 sums of at most 1024 tiles cannot overflow
-                session.run(None, {"A": columns[:, rows], "B": np.ascontiguousarray(weights[rows])})[0]
-                for rows in (slice(k * c.BLOCK_IN, (k + EXACT_INT32_TILES) * c.BLOCK_IN)
-                             for k in range(0, its.size, EXACT_INT32_TILES))
-            ]
-            acc = parts[0]
-            for part in parts[1:]:
-                acc += part  # int32 addition wraps, as VTA's accumulator does
-        result = requantize(acc, bias[ots].ravel(), shifts[ots].ravel(), conv.relu, channel_axis=-1)
-        result = result.reshape(count, g.out_height, g.out_width, len(ots), c.BLOCK_OUT)
+    def run(task: tuple[tuple[list[int], np.ndarray, np.ndarray, np.ndarray], slice]) -> None:
+        (ots, its, positions, weights), images = task
+        acc = _accumulate(program, items, images, its, positions, weights, len(ots) * c.BLOCK_OUT)
+        result = requantize(acc, program.bias_with_rounding[ots].ravel(), program.shifts[ots].ravel(),
+                            program.conv.relu, channel_axis=-1)
+        result = result.reshape(images.stop - images.start, g.out_height, g.out_width, len(ots), c.BLOCK_OUT)
         for j, ot in enumerate(ots):
             out[images, ot] = result[:, :, :, j]
 
-    groups = _same_kept_groups(program.kept)
-    halves = 2 if len(groups) == 1 and batch > 1 else 1  # one set: split the batch over the two threads
+    groups = program.tile_groups
+    halves = 2 if len(groups) == 1 and batch > 1 else 1
     bounds = np.linspace(0, batch, halves + 1).astype(int)
-    tasks = [(ots, slice(a, b)) for ots in groups for a, b in zip(bounds[:-1], bounds[1:])]
-    list(_POOL.map(tiles_of, tasks))
+    list(_POOL.map(run, [(group, slice(a, b)) for group in groups for a, b in zip(bounds[:-1], bounds[1:])]))
     return out
