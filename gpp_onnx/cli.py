@@ -54,6 +54,9 @@ def user_errors(command: Callable[..., None]) -> Callable[..., None]:
 
 
 def progress(items: Iterable[T], description: str, total: int) -> Iterable[T]:
+    """A progress bar on stderr when it is a terminal (pipes and logs stay clean)."""
+    if not stderr.is_terminal:
+        return items
     return rich_track(items, description=description, total=total, console=stderr, transient=True)
 
 
