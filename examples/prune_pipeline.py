@@ -25,7 +25,8 @@ def main() -> None:
     pruned, report = gpp_onnx.prune(loaded, args.sparsity, pattern=args.pattern, exclude=[r"^/?conv1\b"])
     gpp_onnx.validate_annotation(pruned, gpp_onnx.read_annotation(pruned))
     for row in report.layers:
-        print(f"{row.name:40s} {row.status:8s} {row.tiles_kept:5d}/{row.tiles_total:<5d} {row.sparsity:6.1%} {row.reason or ''}")
+        tiles = f"{row.tiles_kept}/{row.tiles_total}"
+        print(f"{row.name:40s} {row.status:8s} {tiles:>11s} {row.sparsity:6.1%} {row.reason or ''}")
     print(f"overall sparsity {report.sparsity:.2%} (target {args.sparsity:.0%})")
     if abs(report.sparsity - args.sparsity) > 0.01:
         raise SystemExit("achieved sparsity is more than 1 point from the target; the layers are too coarse")

@@ -172,8 +172,10 @@ class Annotation:
                 target_sparsity=float(doc["target_sparsity"]),
                 achieved_sparsity=float(doc["achieved_sparsity"]),
                 weights=weights,
-                skipped=[SkippedLayer([str(n) for n in s["nodes"]], str(s["weight"]), str(s["reason"]))
-                         for s in doc.get("skipped", [])],
+                skipped=[
+                    SkippedLayer([str(n) for n in s["nodes"]], str(s["weight"]), str(s["reason"]))
+                    for s in doc.get("skipped", [])
+                ],
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise AnnotationError(f"sparse-tile annotation is missing or has a bad field ({exc})") from None

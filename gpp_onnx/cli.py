@@ -116,14 +116,21 @@ def prune(
     output: Annotated[
         Optional[Path], typer.Option("--output", "-o", help="Output model [default: MODEL-pruned.onnx].")
     ] = None,
-    sparsity: Annotated[float, typer.Option("--sparsity", "-s", help="Fraction of prunable weights to zero, in [0, 1).")] = 0.5,
+    sparsity: Annotated[
+        float, typer.Option("--sparsity", "-s", help="Fraction of prunable weights to zero, in [0, 1).")
+    ] = 0.5,
     pattern: Annotated[str, typer.Option("--pattern", "-p", help="group, block, channel or element.")] = "group",
-    scope: Annotated[str, typer.Option("--scope", help="layer (each layer at the target) or global (one ranking).")] = "layer",
+    scope: Annotated[
+        str, typer.Option("--scope", help="layer (each layer at the target) or global (one ranking).")
+    ] = "layer",
     tile: TileOpt = None,
     exclude: Annotated[
-        Optional[list[str]], typer.Option("--exclude", "-x", help="Regex on node or weight names to keep dense; repeatable.")
+        Optional[list[str]],
+        typer.Option("--exclude", "-x", help="Regex on node or weight names to keep dense; repeatable."),
     ] = None,
-    include_fc: Annotated[bool, typer.Option("--include-fc", help="Also prune Gemm/MatMul with constant weights.")] = False,
+    include_fc: Annotated[
+        bool, typer.Option("--include-fc", help="Also prune Gemm/MatMul with constant weights.")
+    ] = False,
     as_json: JsonOpt = False,
     plot: PlotOpt = None,
 ) -> None:
@@ -134,8 +141,14 @@ def prune(
     check_plot_path(plot, [model, output])
     loaded = load_model(model)
     pruned, report = prune_model(
-        loaded, sparsity, pattern=pattern, scope=scope, tile=tile, exclude=exclude or (),
-        include_fc=include_fc, track=progress,
+        loaded,
+        sparsity,
+        pattern=pattern,
+        scope=scope,
+        tile=tile,
+        exclude=exclude or (),
+        include_fc=include_fc,
+        track=progress,
     )
     save_model(pruned, output, external_data=loaded.had_external_data)
     emit(report, as_json, f"{model} -> {output}", plot)
@@ -172,9 +185,16 @@ def print_vta_summary(summary: dict, title: str) -> None:
     for column in ("layer", "cycles", "limited by", "GEMM uops", "skipped", "tiles kept", "speedup", "Amdahl bound"):
         table.add_column(column, justify="left" if column in ("layer", "limited by") else "right")
     for row in summary["layers"]:
-        table.add_row(row["name"], f"{row['cycles']:,}", row["bound"], f"{row['gemm_uops']:,}",
-                      f"{row['gemm_uops_skipped']:,}", f"{row['tiles_kept']}/{row['tiles_total']}",
-                      f"{row['speedup']:.2f}x", f"{row['amdahl_bound']:.2f}x")
+        table.add_row(
+            row["name"],
+            f"{row['cycles']:,}",
+            row["bound"],
+            f"{row['gemm_uops']:,}",
+            f"{row['gemm_uops_skipped']:,}",
+            f"{row['tiles_kept']}/{row['tiles_total']}",
+            f"{row['speedup']:.2f}x",
+            f"{row['amdahl_bound']:.2f}x",
+        )
     stdout.print(table)
     for entry in summary["not_on_vta"]:
         stdout.print(f"not on VTA: {entry['node']}: {entry['reason']}")
@@ -190,10 +210,16 @@ def print_vta_summary(summary: dict, title: str) -> None:
 @user_errors
 def compile_command(
     model: ModelArg,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output folder [default: MODEL-vta/].")] = None,
-    vta_config: Annotated[Optional[Path], typer.Option("--vta-config", help="VTA config JSON (vta_config.json).")] = None,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Output folder [default: MODEL-vta/].")
+    ] = None,
+    vta_config: Annotated[
+        Optional[Path], typer.Option("--vta-config", help="VTA config JSON (vta_config.json).")
+    ] = None,
     board: Annotated[Optional[str], typer.Option("--board", help="pynq, de10nano, ultra96 or zcu104.")] = None,
-    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Model input shape, e.g. 1x3x32x32.")] = None,
+    input_shape: Annotated[
+        Optional[str], typer.Option("--input-shape", help="Model input shape, e.g. 1x3x32x32.")
+    ] = None,
     activation_shift: Annotated[
         int, typer.Option("--activation-shift", help="Power-of-two shift of every activation (no calibration here).")
     ] = 4,
@@ -210,8 +236,14 @@ def compile_command(
     check_output_path(output / "summary.json", [model]) if output.is_dir() else check_output_path(output, [model])
     config = load_vta_config(vta_config, board)
     loaded = load_model(model)
-    compiled = compile_model(loaded.model, config, parse_shape(input_shape), default_shift=activation_shift,
-                             per_channel=per_channel, track=progress)
+    compiled = compile_model(
+        loaded.model,
+        config,
+        parse_shape(input_shape),
+        default_shift=activation_shift,
+        per_channel=per_channel,
+        track=progress,
+    )
     write_programs(compiled, output)
     summary = compiled.summary()
     if as_json:
@@ -234,8 +266,9 @@ def main() -> None:
         if not hasattr(exc, "format_message"):  # not a command-line parsing error
             raise
         if exc.format_message():  # empty after no_args_is_help has printed the help
-            stderr.print(f"error: {exc.format_message()} (see gpp-onnx --help)", markup=False,
-                         highlight=False, soft_wrap=True)
+            stderr.print(
+                f"error: {exc.format_message()} (see gpp-onnx --help)", markup=False, highlight=False, soft_wrap=True
+            )
         sys.exit(getattr(exc, "exit_code", 2))
     sys.exit(code if isinstance(code, int) else 0)
 

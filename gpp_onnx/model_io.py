@@ -40,9 +40,7 @@ def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(
-        onnx.external_data_helper.uses_external_data(t) for t in _graph_tensors(model.graph)
-    )
+    return any(onnx.external_data_helper.uses_external_data(t) for t in _graph_tensors(model.graph))
 
 
 def check_input_path(source: str | os.PathLike[str]) -> Path:
@@ -114,9 +112,7 @@ def check_output_path(output: str | os.PathLike[str], inputs: list[Path]) -> Pat
     for path in inputs:
         resolved = path.resolve()
         if out.resolve() == resolved or data_file.resolve() == resolved:
-            raise UserError(
-                f"output {out} would overwrite the input {path}; choose another output path"
-            )
+            raise UserError(f"output {out} would overwrite the input {path}; choose another output path")
     if out.is_dir():
         raise UserError(f"output {out} is a directory; give a file path such as {out}/pruned.onnx")
     folder = out.parent

@@ -7,8 +7,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from gpp_onnx.errors import UserError
 from gpp_onnx.report import Report
 
@@ -28,7 +26,7 @@ def plot_tile_maps(report: Report, path: Path) -> None:
     cols = min(4, len(rows))
     lines = math.ceil(len(rows) / cols)
     fig, axes = plt.subplots(lines, cols, figsize=(4 * cols, 2.6 * lines), squeeze=False)
-    for ax in axes.ravel()[len(rows):]:
+    for ax in axes.ravel()[len(rows) :]:
         ax.axis("off")
     for ax, row in zip(axes.ravel(), rows):
         g, ot, it, p = row.kept.shape
@@ -40,8 +38,10 @@ def plot_tile_maps(report: Report, path: Path) -> None:
         ax.tick_params(labelsize=6)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(f"Kept weight tiles (tile {report.tile}; yellow kept, purple pruned); "
-                 f"overall sparsity {report.sparsity:.1%}", fontsize=10)
+    fig.suptitle(
+        f"Kept weight tiles (tile {report.tile}; yellow kept, purple pruned); overall sparsity {report.sparsity:.1%}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)

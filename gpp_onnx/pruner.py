@@ -12,10 +12,26 @@ import onnx
 
 from gpp_onnx._version import __version__
 from gpp_onnx.allocation import SCOPES, select_global, select_per_layer
-from gpp_onnx.annotation import Annotation, SkippedLayer, WeightAnnotation, read_annotation, validate_annotation, write_annotation
+from gpp_onnx.annotation import (
+    Annotation,
+    SkippedLayer,
+    WeightAnnotation,
+    read_annotation,
+    validate_annotation,
+    write_annotation,
+)
 from gpp_onnx.errors import UserError
 from gpp_onnx.model_io import LoadedModel, load_model
-from gpp_onnx.patterns import PATTERNS, TILE_PATTERNS, canonical, canonical_shape, expand, from_canonical, make_units, tile_pattern_skip_reason
+from gpp_onnx.patterns import (
+    PATTERNS,
+    TILE_PATTERNS,
+    canonical,
+    canonical_shape,
+    expand,
+    from_canonical,
+    make_units,
+    tile_pattern_skip_reason,
+)
 from gpp_onnx.report import Report, annotated_statuses, build_report
 from gpp_onnx.tiles import TileShape
 from gpp_onnx.weights import Layer, find_layers
@@ -104,13 +120,17 @@ def prune(
     for layer in track(eligible, "scoring", len(eligible)):
         stored = layer.stored
         assert stored is not None
-        units.append(make_units(canonical(stored.magnitude(), layer), canonical(stored.nonzero(), layer), pattern, tile_shape))
+        units.append(
+            make_units(canonical(stored.magnitude(), layer), canonical(stored.nonzero(), layer), pattern, tile_shape)
+        )
     select = select_global if scope == "global" else select_per_layer
     chosen = select(units, float(sparsity))
     for layer, unit, pruned_units in track(list(zip(eligible, units, chosen)), "pruning", len(eligible)):
         stored = layer.stored
         assert stored is not None
-        mask = from_canonical(expand(pruned_units.reshape(unit.grid), pattern, tile_shape, canonical_shape(layer)), layer)
+        mask = from_canonical(
+            expand(pruned_units.reshape(unit.grid), pattern, tile_shape, canonical_shape(layer)), layer
+        )
         if np.any(mask & stored.nonzero()):
             stored.replace_values(np.where(mask, stored.zero, stored.values).astype(stored.values.dtype))
     statuses = {w: ("pruned", None) if r is None else ("skipped", r) for w, r in reasons.items()}
@@ -124,12 +144,23 @@ def prune(
         target_sparsity=float(sparsity),
         achieved_sparsity=report.sparsity,
         weights=[
-            WeightAnnotation(layer.nodes, layer.weight, layer.shape, layer.layout, layer.groups,
-                             layer.positions, rows[layer.weight].kept, rows[layer.weight].sparsity)
+            WeightAnnotation(
+                layer.nodes,
+                layer.weight,
+                layer.shape,
+                layer.layout,
+                layer.groups,
+                layer.positions,
+                rows[layer.weight].kept,
+                rows[layer.weight].sparsity,
+            )
             for layer in eligible
         ],
-        skipped=[SkippedLayer(layer.nodes, layer.weight, reasons[layer.weight] or "")
-                 for layer in layers if reasons[layer.weight] is not None],
+        skipped=[
+            SkippedLayer(layer.nodes, layer.weight, reasons[layer.weight] or "")
+            for layer in layers
+            if reasons[layer.weight] is not None
+        ],
     )
     write_annotation(pruned, annotation)
     return pruned, report
@@ -150,5 +181,11 @@ def inspect(model: ModelSource, tile: TileShape | str | object | None = None) ->
     layers = find_layers(loaded.model)
     if annotation is None:
         return build_report(layers, annotated_statuses(layers, None), tile_shape)
-    return build_report(layers, annotated_statuses(layers, annotation), tile_shape,
-                        annotation.pattern, annotation.scope, annotation.target_sparsity)
+    return build_report(
+        layers,
+        annotated_statuses(layers, annotation),
+        tile_shape,
+        annotation.pattern,
+        annotation.scope,
+        annotation.target_sparsity,
+    )

@@ -80,8 +80,7 @@ class Report:
         }
 
 
-def measure_layer(layer: Layer, tile: TileShape, status: str, pattern: str | None,
-                  reason: str | None) -> LayerReport:
+def measure_layer(layer: Layer, tile: TileShape, status: str, pattern: str | None, reason: str | None) -> LayerReport:
     """Count zeros and kept tiles of a layer's current weights."""
     params = zeros = tiles_total = tiles_kept = 0
     kept = None
@@ -126,9 +125,14 @@ def annotated_statuses(layers: list[Layer], annotation: Annotation | None) -> di
     return statuses
 
 
-def build_report(layers: list[Layer], statuses: dict[str, Status], tile: TileShape,
-                 pattern: str | None = None, scope: str | None = None,
-                 target_sparsity: float | None = None) -> Report:
+def build_report(
+    layers: list[Layer],
+    statuses: dict[str, Status],
+    tile: TileShape,
+    pattern: str | None = None,
+    scope: str | None = None,
+    target_sparsity: float | None = None,
+) -> Report:
     """Measure every layer; ``pattern`` is reported on the pruned ones."""
     rows = []
     for layer in layers:

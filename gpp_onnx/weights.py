@@ -25,9 +25,7 @@ CONV_OPS: dict[str, tuple[int, int | None, int | None]] = {
 }
 FC_OPS = ("Gemm", "MatMul")
 _PASS_THROUGH = ("Identity", "Cast")
-_SUPPORTED_DTYPES = {
-    np.dtype(t) for t in ("float16", "float32", "float64", "int8", "uint8", "int16", "uint16")
-}
+_SUPPORTED_DTYPES = {np.dtype(t) for t in ("float16", "float32", "float64", "int8", "uint8", "int16", "uint16")}
 _SPATIAL_LETTERS = {1: "W", 2: "HW", 3: "DHW"}
 
 

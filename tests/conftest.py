@@ -36,8 +36,11 @@ def conv_model(
         nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}"))
         current = f"r{i}"
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_shape))],
-        [helper.make_tensor_value_info(current, TensorProto.FLOAT, symbolic_shape(len(input_shape)))], inits,
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(input_shape))],
+        [helper.make_tensor_value_info(current, TensorProto.FLOAT, symbolic_shape(len(input_shape)))],
+        inits,
     )
     return make_model(graph, opset)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import conv_model, weight
 
 import gpp_onnx
-from conftest import conv_model, weight
 
 
 def many_layers(rng: np.random.Generator, channels: list[int], kernel: int = 3) -> tuple:

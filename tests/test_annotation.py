@@ -7,6 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import conv_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -14,7 +15,6 @@ from onnx import numpy_helper
 
 import gpp_onnx
 from gpp_onnx.annotation import ANNOTATION_KEY, decode_bitmap, encode_bitmap
-from conftest import conv_model
 
 
 @given(arrays(np.bool_, st.integers(0, 600)))
@@ -72,7 +72,10 @@ def test_validator_accepts_exactly_the_consistent_annotations(case):
 
 
 def pruned_model(rng) -> onnx.ModelProto:
-    ws = [rng.standard_normal((32, 16, 3, 3)).astype(np.float32), rng.standard_normal((32, 32, 3, 3)).astype(np.float32)]
+    ws = [
+        rng.standard_normal((32, 16, 3, 3)).astype(np.float32),
+        rng.standard_normal((32, 32, 3, 3)).astype(np.float32),
+    ]
     model, _ = gpp_onnx.prune(conv_model(ws, [1, 16, 6, 6], attrs=[{"pads": [1] * 4}] * 2), 0.6)
     return model
 

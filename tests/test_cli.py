@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import conv_model, make_model, symbolic_shape
 from onnx import TensorProto, helper
 
 import gpp_onnx
 from gpp_onnx.cli import main
-from conftest import conv_model, make_model, symbolic_shape
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -35,7 +35,10 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 
 @pytest.fixture
 def model_path(tmp_path, rng) -> Path:
-    ws = [rng.standard_normal((32, 16, 3, 3)).astype(np.float32), rng.standard_normal((64, 32, 3, 3)).astype(np.float32)]
+    ws = [
+        rng.standard_normal((32, 16, 3, 3)).astype(np.float32),
+        rng.standard_normal((64, 32, 3, 3)).astype(np.float32),
+    ]
     path = tmp_path / "model.onnx"
     onnx.save(conv_model(ws, [1, 16, 8, 8], attrs=[{"pads": [1] * 4}] * 2), path)
     return path
@@ -51,7 +54,9 @@ def test_prune_then_inspect_json_and_plot(capsys, model_path, tmp_path):
     assert code == 0
     report = json.loads(stdout)
     assert abs(report["sparsity"] - 0.7) <= 0.01
-    assert {"name", "weight", "shape", "pattern", "status", "sparsity", "tiles_total", "tiles_kept"} <= set(report["layers"][0])
+    assert {"name", "weight", "shape", "pattern", "status", "sparsity", "tiles_total", "tiles_kept"} <= set(
+        report["layers"][0]
+    )
     code, stdout, _ = run_cli(capsys, "inspect", str(out), "--json", "--plot", str(tmp_path / "masks.png"))
     assert code == 0 and json.loads(stdout)["layers"] == report["layers"]
     assert (tmp_path / "masks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -61,7 +66,10 @@ def test_prune_then_inspect_json_and_plot(capsys, model_path, tmp_path):
 
 def test_output_is_byte_identical_across_runs(capsys, model_path, tmp_path):
     for name in ("a.onnx", "b.onnx"):
-        assert run_cli(capsys, "prune", str(model_path), "-o", str(tmp_path / name), "-s", "0.6", "--scope", "global")[0] == 0
+        assert (
+            run_cli(capsys, "prune", str(model_path), "-o", str(tmp_path / name), "-s", "0.6", "--scope", "global")[0]
+            == 0
+        )
     assert digest(tmp_path / "a.onnx") == digest(tmp_path / "b.onnx")
 
 
@@ -82,9 +90,12 @@ def test_external_data_model_via_cli(capsys, model_path, tmp_path):
 
 
 def no_prunable_layer(tmp_path: Path) -> Path:
-    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, symbolic_shape(2))])
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, symbolic_shape(2))],
+    )
     path = tmp_path / "relu.onnx"
     onnx.save(make_model(g), path)
     return path
@@ -94,7 +105,10 @@ BAD_INPUTS = {
     "missing path": (lambda d, m: ["prune", str(d / "nope.onnx")], "does not exist"),
     "directory": (lambda d, m: ["prune", str(d)], "is a directory"),
     "empty file": (lambda d, m: ["prune", str(write(d / "empty.onnx", b""))], "is empty"),
-    "truncated file": (lambda d, m: ["prune", str(write(d / "cut.onnx", m.read_bytes()[:300]))], "re-exporting it if it was truncated"),
+    "truncated file": (
+        lambda d, m: ["prune", str(write(d / "cut.onnx", m.read_bytes()[:300]))],
+        "re-exporting it if it was truncated",
+    ),
     "not onnx": (lambda d, m: ["prune", str(write(d / "text.onnx", b"hello, this is not a model\n"))], "ONNX"),
     "no prunable layer": (lambda d, m: ["prune", str(no_prunable_layer(d))], "no prunable layer"),
     "sparsity 1": (lambda d, m: ["prune", str(m), "--sparsity", "1.0"], "outside [0, 1)"),

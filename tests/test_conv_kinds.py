@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import conv_model, make_model, run_ort, symbolic_shape, weight
 from onnx import TensorProto, helper, numpy_helper
 
 import gpp_onnx
-from conftest import conv_model, make_model, run_ort, symbolic_shape, weight
 
 
 def kept_map(model) -> np.ndarray:
@@ -15,7 +15,7 @@ def kept_map(model) -> np.ndarray:
 
 
 def tile_nonzero(w2d: np.ndarray, o0: int, i0: int) -> bool:
-    return bool(w2d[o0:o0 + 16, i0:i0 + 16].any())
+    return bool(w2d[o0 : o0 + 16, i0 : i0 + 16].any())
 
 
 @pytest.mark.parametrize(
@@ -59,9 +59,9 @@ def test_grouped_conv_tiles_stay_inside_each_group(rng):
         for ot, (o0, o1) in enumerate([(0, 16), (16, 20)]):
             for it, (i0, i1) in enumerate([(0, 16), (16, 24)]):
                 for p in range(9):
-                    block = out[g * 20 + o0:g * 20 + o1, i0:i1, p]
-                    original = w.reshape(40, 24, 9)[g * 20 + o0:g * 20 + o1, i0:i1, p]
-                    assert (block.any() == kept[g, ot, it, p])
+                    block = out[g * 20 + o0 : g * 20 + o1, i0:i1, p]
+                    original = w.reshape(40, 24, 9)[g * 20 + o0 : g * 20 + o1, i0:i1, p]
+                    assert block.any() == kept[g, ot, it, p]
                     assert not block.any() or np.array_equal(block, original)
     run_ort(pruned, {"x": rng.standard_normal((1, 48, 6, 6)).astype(np.float32)})
 
@@ -122,9 +122,13 @@ def fc_model(rng, op: str) -> tuple:
         helper.make_node("Flatten", ["c"], ["flat"], name="flatten"),
         fc,
     ]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 1, 3])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, symbolic_shape(2))],
-                          [numpy_helper.from_array(conv_w, "C"), numpy_helper.from_array(fc_w, "F")])
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, symbolic_shape(2))],
+        [numpy_helper.from_array(conv_w, "C"), numpy_helper.from_array(fc_w, "F")],
+    )
     return make_model(g), fc_w
 
 
@@ -148,7 +152,10 @@ def test_fully_connected_only_with_include_fc(rng, op):
 
 
 def test_exclude_keeps_layers_dense_with_reason(rng):
-    ws = [rng.standard_normal((32, 16, 3, 3)).astype(np.float32), rng.standard_normal((32, 32, 3, 3)).astype(np.float32)]
+    ws = [
+        rng.standard_normal((32, 16, 3, 3)).astype(np.float32),
+        rng.standard_normal((32, 32, 3, 3)).astype(np.float32),
+    ]
     model = conv_model(ws, [1, 16, 6, 6], attrs=[{"pads": [1] * 4}] * 2)
     pruned, report = gpp_onnx.prune(model, 0.5, exclude=["^conv0$"])
     assert report.layers[0].status == "skipped" and "--exclude" in report.layers[0].reason

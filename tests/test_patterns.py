@@ -6,16 +6,20 @@ import itertools
 
 import numpy as np
 import pytest
+from conftest import conv_model, weight
 
 import gpp_onnx
-from conftest import conv_model, weight
 
 # Magnitude of every 16x16 group (oc_tile, ic_tile, position) of a 32x32x1x2 conv.
 GROUP_MAGNITUDES = {
-    (0, 0, 0): 1.0, (0, 0, 1): 10.0,
-    (0, 1, 0): 2.0, (0, 1, 1): 3.0,
-    (1, 0, 0): 4.0, (1, 0, 1): 5.0,
-    (1, 1, 0): 6.0, (1, 1, 1): 7.0,
+    (0, 0, 0): 1.0,
+    (0, 0, 1): 10.0,
+    (0, 1, 0): 2.0,
+    (0, 1, 1): 3.0,
+    (1, 0, 0): 4.0,
+    (1, 0, 1): 5.0,
+    (1, 1, 0): 6.0,
+    (1, 1, 1): 7.0,
 }
 
 
@@ -23,7 +27,7 @@ def golden_weight(rng: np.random.Generator) -> np.ndarray:
     w = np.empty((32, 32, 1, 2), np.float32)
     for (ot, it, p), v in GROUP_MAGNITUDES.items():
         signs = rng.choice([-1.0, 1.0], size=(16, 16))
-        w[ot * 16:(ot + 1) * 16, it * 16:(it + 1) * 16, 0, p] = v * signs * rng.uniform(0.9, 1.1, (16, 16))
+        w[ot * 16 : (ot + 1) * 16, it * 16 : (it + 1) * 16, 0, p] = v * signs * rng.uniform(0.9, 1.1, (16, 16))
     return w
 
 
@@ -31,14 +35,14 @@ def zero_groups(w: np.ndarray) -> set[tuple[int, int, int]]:
     return {
         (ot, it, p)
         for ot, it, p in itertools.product(range(2), range(2), range(2))
-        if not w[ot * 16:(ot + 1) * 16, it * 16:(it + 1) * 16, 0, p].any()
+        if not w[ot * 16 : (ot + 1) * 16, it * 16 : (it + 1) * 16, 0, p].any()
     }
 
 
 def paper_group_rule(w: np.ndarray, sparsity: float) -> set[tuple[int, int, int]]:
     """The paper's rule written out: L1 norm of every group, zero the k lowest."""
     groups = list(itertools.product(range(2), range(2), range(2)))
-    l1 = {g: np.abs(w[g[0] * 16:(g[0] + 1) * 16, g[1] * 16:(g[1] + 1) * 16, 0, g[2]]).sum() for g in groups}
+    l1 = {g: np.abs(w[g[0] * 16 : (g[0] + 1) * 16, g[1] * 16 : (g[1] + 1) * 16, 0, g[2]]).sum() for g in groups}
     k = round(sparsity * len(groups))
     return set(sorted(groups, key=l1.__getitem__)[:k])
 

@@ -8,18 +8,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import conv_model
 from onnx import numpy_helper
+from test_cli import run_cli
 
 import gpp_onnx
-from conftest import conv_model
-from test_cli import run_cli
 from vta_backend import VTAConfig
 from vta_backend.isa import decode_program
 from vta_backend.model import compile_model
 
 
 def two_conv_model(rng) -> onnx.ModelProto:
-    ws = [rng.standard_normal((32, 16, 3, 3)).astype(np.float32), rng.standard_normal((64, 32, 3, 3)).astype(np.float32)]
+    ws = [
+        rng.standard_normal((32, 16, 3, 3)).astype(np.float32),
+        rng.standard_normal((64, 32, 3, 3)).astype(np.float32),
+    ]
     return conv_model(ws, [1, 16, 8, 8], attrs=[{"pads": [1] * 4}, {"pads": [1] * 4, "strides": [2, 2]}])
 
 
@@ -77,12 +80,15 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case,expected", [
-    ("unknown config key", "unknown key(s) LOG_BLOK"),
-    ("tiny buffers", "does not fit"),
-    ("tile mismatch", "pruned for 16x16 tiles"),
-    ("inconsistent annotation", "marked pruned hold nonzero"),
-])
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("unknown config key", "unknown key(s) LOG_BLOK"),
+        ("tiny buffers", "does not fit"),
+        ("tile mismatch", "pruned for 16x16 tiles"),
+        ("inconsistent annotation", "marked pruned hold nonzero"),
+    ],
+)
 def test_compile_bad_input(capsys, pruned_path, tmp_path, case, expected):
     args = ["compile", str(pruned_path), "-o", str(tmp_path / "out")]
     if case == "unknown config key":

@@ -20,8 +20,9 @@ def test_defaults_match_vta_config_json():
 
 def test_load_from_json(tmp_path):
     path = tmp_path / "vta_config.json"
-    path.write_text(json.dumps({"TARGET": "sim", "HW_VER": "0.0.2", "LOG_BLOCK": 5, "LOG_WGT_BUFF_SIZE": 19,
-                                "BOARD": "ultra96"}))
+    path.write_text(
+        json.dumps({"TARGET": "sim", "HW_VER": "0.0.2", "LOG_BLOCK": 5, "LOG_WGT_BUFF_SIZE": 19, "BOARD": "ultra96"})
+    )
     c = VTAConfig.from_json(path)
     assert (c.BLOCK_IN, c.wgt_depth, c.clock_mhz, c.bus_bits) == (32, 512, 333.0, 128)
     assert TileShape.parse(str(path)) == TileShape(32, 32)

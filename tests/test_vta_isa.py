@@ -9,8 +9,19 @@ from hypothesis import strategies as st
 
 from vta_backend import VTAConfig
 from vta_backend.isa import (
-    AluInsn, AluOp, Deps, FieldOverflow, FinishInsn, GemmInsn, MemInsn, MemType, Opcode, decode, decode_uops,
-    encode, encode_uops,
+    AluInsn,
+    AluOp,
+    Deps,
+    FieldOverflow,
+    FinishInsn,
+    GemmInsn,
+    MemInsn,
+    MemType,
+    Opcode,
+    decode,
+    decode_uops,
+    encode,
+    encode_uops,
 )
 
 CONFIG = VTAConfig()
@@ -18,13 +29,38 @@ deps = st.builds(Deps, st.booleans(), st.booleans(), st.booleans(), st.booleans(
 u = lambda bits: st.integers(0, (1 << bits) - 1)  # noqa: E731
 
 mem_insns = st.builds(
-    MemInsn, st.sampled_from([Opcode.LOAD, Opcode.STORE]), st.sampled_from(list(MemType)), u(16), u(32), u(16),
-    u(16), u(16), u(4), u(4), u(4), u(4), deps,
+    MemInsn,
+    st.sampled_from([Opcode.LOAD, Opcode.STORE]),
+    st.sampled_from(list(MemType)),
+    u(16),
+    u(32),
+    u(16),
+    u(16),
+    u(16),
+    u(4),
+    u(4),
+    u(4),
+    u(4),
+    deps,
 )
-gemm_insns = st.builds(GemmInsn, st.booleans(), u(13), u(14), u(14), u(14), u(11), u(11), u(11), u(11), u(10), u(10), deps)
+gemm_insns = st.builds(
+    GemmInsn, st.booleans(), u(13), u(14), u(14), u(14), u(11), u(11), u(11), u(11), u(10), u(10), deps
+)
 alu_insns = st.builds(
-    AluInsn, st.sampled_from(list(AluOp)), st.booleans(), st.integers(-(1 << 15), (1 << 15) - 1), u(13), u(14),
-    u(14), u(14), u(11), u(11), u(11), u(11), st.booleans(), deps,
+    AluInsn,
+    st.sampled_from(list(AluOp)),
+    st.booleans(),
+    st.integers(-(1 << 15), (1 << 15) - 1),
+    u(13),
+    u(14),
+    u(14),
+    u(14),
+    u(11),
+    u(11),
+    u(11),
+    u(11),
+    st.booleans(),
+    deps,
 )
 
 
@@ -60,12 +96,15 @@ def test_documented_bit_positions():
     assert int(encode_uops(np.array([1]), np.array([2]), np.array([3]), CONFIG)[0]) == 1 | 2 << 11 | 3 << 22
 
 
-@pytest.mark.parametrize("insn,field", [
-    (MemInsn(Opcode.LOAD, MemType.INP, 0, 0, 1, 1 << 16, 1), "x_size"),
-    (MemInsn(Opcode.LOAD, MemType.INP, 0, 0, 1, 1, 1, y_pad_0=16), "y_pad_0"),
-    (GemmInsn(False, 0, 1, 1 << 14, 1, 0, 0, 0, 0), "iter_out"),
-    (AluInsn(AluOp.ADD, True, 1 << 15, 0, 1, 1, 1, 0, 0), "immediate"),
-])
+@pytest.mark.parametrize(
+    "insn,field",
+    [
+        (MemInsn(Opcode.LOAD, MemType.INP, 0, 0, 1, 1 << 16, 1), "x_size"),
+        (MemInsn(Opcode.LOAD, MemType.INP, 0, 0, 1, 1, 1, y_pad_0=16), "y_pad_0"),
+        (GemmInsn(False, 0, 1, 1 << 14, 1, 0, 0, 0, 0), "iter_out"),
+        (AluInsn(AluOp.ADD, True, 1 << 15, 0, 1, 1, 1, 0, 0), "immediate"),
+    ],
+)
 def test_values_that_do_not_fit_are_errors(insn, field):
     with pytest.raises(FieldOverflow, match=field):
         encode(insn, CONFIG)

@@ -28,8 +28,15 @@ def reference_conv(conv: QuantConv, x: np.ndarray) -> np.ndarray:
     for g in range(conv.groups):
         for i in range(kh):
             for j in range(kw):
-                window = xp[:, g * icg:(g + 1) * icg, i * dh:i * dh + (oh - 1) * sh + 1:sh, j * dw:j * dw + (ow - 1) * sw + 1:sw]
-                acc[:, g * ocg:(g + 1) * ocg] += np.einsum("bchw,oc->bohw", window, conv.weight[g * ocg:(g + 1) * ocg, :, i, j].astype(np.int64))
+                window = xp[
+                    :,
+                    g * icg : (g + 1) * icg,
+                    i * dh : i * dh + (oh - 1) * sh + 1 : sh,
+                    j * dw : j * dw + (ow - 1) * sw + 1 : sw,
+                ]
+                acc[:, g * ocg : (g + 1) * ocg] += np.einsum(
+                    "bchw,oc->bohw", window, conv.weight[g * ocg : (g + 1) * ocg, :, i, j].astype(np.int64)
+                )
     acc = ((acc + 2**31) % 2**32) - 2**31  # int32 wrap-around
     shifts = np.broadcast_to(np.asarray(conv.shift), (oc,)).astype(np.int64)
     bias = np.zeros(oc, np.int64) if conv.bias is None else conv.bias.astype(np.int64)
@@ -72,8 +79,18 @@ def conv_cases(draw):
     per_channel = draw(st.booleans())
     shift = rng.integers(4, 14, groups * ocg) if per_channel else int(rng.integers(4, 14))
     bias = rng.integers(-5000, 5000, groups * ocg).astype(np.int32) if draw(st.booleans()) else None
-    conv = QuantConv("conv", weight, stride=stride, pads=pads, dilation=dilation, groups=groups, bias=bias,
-                     shift=shift, relu=draw(st.booleans()), kept=kept)
+    conv = QuantConv(
+        "conv",
+        weight,
+        stride=stride,
+        pads=pads,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+        shift=shift,
+        relu=draw(st.booleans()),
+        kept=kept,
+    )
     x = rng.integers(-127, 128, (draw(st.integers(1, 3)), groups * icg, h, w)).astype(np.int8)
     return conv, x
 
@@ -134,3 +151,26 @@ def test_padding_beyond_the_pad_field_is_an_error():
     conv = QuantConv("wide_pad", np.ones((16, 16, 3, 3), np.int8), pads=(16, 16, 16, 16))
     with pytest.raises(CompileError, match="wide_pad: padding 16 exceeds"):
         compile_conv(conv, (16, 4, 4), CONFIG)
+
+
+@pytest.mark.parametrize("shift", [-2, 0, np.array([-1, 0, 3, 7] * 4)])
+def test_left_shifts_and_zero_shift(shift):
+    rng = np.random.default_rng(1)
+    conv = QuantConv("c", rng.integers(-3, 4, (16, 20, 3, 3)).astype(np.int8), pads=(1, 1, 1, 1), shift=shift)
+    x = rng.integers(-4, 5, (2, 20, 5, 5)).astype(np.int8)
+    layer = VtaConv.compile(conv, x.shape[1:], CONFIG)
+    expected = reference_conv(conv, x)
+    np.testing.assert_array_equal(layer.run(x, "isa"), expected)
+    np.testing.assert_array_equal(layer.run(x, "fast"), expected)
+
+
+def test_accumulator_wraps_at_32_bits():
+    # A bias next to the int32 limit: adding the (positive) products wraps to negative, as on VTA.
+    weight = np.full((16, 16, 1, 1), 127, np.int8)
+    conv = QuantConv("c", weight, bias=np.full(16, 2**31 - 1000, np.int32), shift=0)
+    x = np.full((1, 16, 2, 2), 127, np.int8)
+    expected = reference_conv(conv, x)
+    assert (expected == -127).all()  # wrapped past 2**31 - 1 into the negative range
+    layer = VtaConv.compile(conv, x.shape[1:], CONFIG)
+    np.testing.assert_array_equal(layer.run(x, "isa"), expected)
+    np.testing.assert_array_equal(layer.run(x, "fast"), expected)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
+from conftest import conv_model, weight
 
 import gpp_onnx
-from conftest import conv_model, weight
 from vta_backend import VTAConfig
 from vta_backend.compiler import compile_conv
 from vta_backend.isa import Deps, GemmInsn
@@ -30,8 +29,15 @@ def test_hand_calculation_of_a_1x1_conv():
     alu_end = gemm_end + 54 + 50 * 3  # 681
     store_end = alu_end + 150 + 8  # STORE 4 vectors x 16 B = 8 beats
     assert timing.cycles == store_end == 839
-    assert timing.busy == {"load_inp": 158, "load_wgt": 182, "load_acc": 158, "load_uop": 151, "gemm": 168,
-                           "alu": 204, "store": 158}
+    assert timing.busy == {
+        "load_inp": 158,
+        "load_wgt": 182,
+        "load_acc": 158,
+        "load_uop": 151,
+        "gemm": 168,
+        "alu": 204,
+        "store": 158,
+    }
     assert timing.gemm_uops == 4 and timing.bytes["wgt"] == 256 and timing.bytes["out"] == 64
     assert timing.bound == "compute"
 

@@ -8,18 +8,21 @@ import hashlib
 import numpy as np
 import onnx
 import pytest
+from conftest import ORT_MAX_OPSET, conv_model, make_model, run_ort, symbolic_shape, weight
 from onnx import TensorProto, helper, numpy_helper
 
 import gpp_onnx
-from conftest import ORT_MAX_OPSET, conv_model, make_model, run_ort, symbolic_shape, weight
 
 X = "x"
 
 
 def graph(nodes, inits, in_shape, in_type=TensorProto.FLOAT, out="y", out_type=TensorProto.FLOAT):
     return helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info(X, in_type, in_shape)],
-        [helper.make_tensor_value_info(out, out_type, symbolic_shape(len(in_shape)))], inits,
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(X, in_type, in_shape)],
+        [helper.make_tensor_value_info(out, out_type, symbolic_shape(len(in_shape)))],
+        inits,
     )
 
 
@@ -70,7 +73,9 @@ def test_weight_also_read_by_another_op_is_skipped_with_reason(rng):
         helper.make_node("ReduceSum", ["W"], ["s"], name="reg", keepdims=0),
         helper.make_node("Add", ["b", "s"], ["y"], name="add"),
     ]
-    model = make_model(graph(nodes, [numpy_helper.from_array(w, "W"), numpy_helper.from_array(w2, "W2")], [1, 16, 4, 4]))
+    model = make_model(
+        graph(nodes, [numpy_helper.from_array(w, "W"), numpy_helper.from_array(w2, "W2")], [1, 16, 4, 4])
+    )
     pruned, report = gpp_onnx.prune(model, 0.5)
     row = report.layers[0]
     assert row.status == "skipped" and "ReduceSum node 'reg'" in row.reason
@@ -134,12 +139,19 @@ def test_fake_quantized_float_weights_are_pruned_to_zero(rng):
 def test_qlinearconv_uint8_weights_use_the_zero_point(rng):
     w = rng.integers(0, 256, (32, 16, 3, 3)).astype(np.uint8)
     inits = [
-        numpy_helper.from_array(np.array(0.05, np.float32), "xs"), numpy_helper.from_array(np.array(128, np.uint8), "xz"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "xs"),
+        numpy_helper.from_array(np.array(128, np.uint8), "xz"),
         numpy_helper.from_array(w, "Wq"),
-        numpy_helper.from_array(np.array(0.01, np.float32), "ws"), numpy_helper.from_array(np.array(128, np.uint8), "wz"),
-        numpy_helper.from_array(np.array(0.2, np.float32), "ys"), numpy_helper.from_array(np.array(128, np.uint8), "yz"),
+        numpy_helper.from_array(np.array(0.01, np.float32), "ws"),
+        numpy_helper.from_array(np.array(128, np.uint8), "wz"),
+        numpy_helper.from_array(np.array(0.2, np.float32), "ys"),
+        numpy_helper.from_array(np.array(128, np.uint8), "yz"),
     ]
-    nodes = [helper.make_node("QLinearConv", [X, "xs", "xz", "Wq", "ws", "wz", "ys", "yz"], ["y"], name="qconv", pads=[1] * 4)]
+    nodes = [
+        helper.make_node(
+            "QLinearConv", [X, "xs", "xz", "Wq", "ws", "wz", "ys", "yz"], ["y"], name="qconv", pads=[1] * 4
+        )
+    ]
     model = make_model(graph(nodes, inits, [1, 16, 5, 5], TensorProto.UINT8, out_type=TensorProto.UINT8), 13)
     pruned, report = gpp_onnx.prune(model, 0.5)
     out = weight(pruned, "Wq")
@@ -191,7 +203,10 @@ def test_external_data_in_external_data_out(tmp_path, rng):
 
 @pytest.mark.parametrize("opset", list(range(7, onnx.defs.onnx_opset_version() + 1)))
 def test_every_opset(rng, opset):
-    ws = [rng.standard_normal((32, 16, 3, 3)).astype(np.float32), rng.standard_normal((16, 32, 1, 1)).astype(np.float32)]
+    ws = [
+        rng.standard_normal((32, 16, 3, 3)).astype(np.float32),
+        rng.standard_normal((16, 32, 1, 1)).astype(np.float32),
+    ]
     model = conv_model(ws, [1, 16, 6, 6], opset=opset, attrs=[{"pads": [1] * 4}, {}])
     pruned, report = gpp_onnx.prune(model, 0.5)
     onnx.checker.check_model(pruned, full_check=True)
@@ -217,8 +232,11 @@ def test_pruning_changes_only_the_weights(rng):
     model, _ = qdq_model(rng)
     pruned, _ = gpp_onnx.prune(model, 0.7)
     assert [n.SerializeToString() for n in pruned.graph.node] == [n.SerializeToString() for n in model.graph.node]
-    changed = [a.name for a, b in zip(pruned.graph.initializer, model.graph.initializer)
-               if a.SerializeToString() != b.SerializeToString()]
+    changed = [
+        a.name
+        for a, b in zip(pruned.graph.initializer, model.graph.initializer)
+        if a.SerializeToString() != b.SerializeToString()
+    ]
     assert changed == ["Wq"]
     assert list(pruned.graph.input) == list(model.graph.input)
     assert list(pruned.graph.output) == list(model.graph.output)

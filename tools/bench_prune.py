@@ -29,9 +29,21 @@ class GraphBuilder:
     def conv(self, x: str, out_c: int, in_c: int, k: int, stride: int = 1, relu: bool = True) -> str:
         i = self.count = self.count + 1
         w = (self.rng.standard_normal((out_c, in_c, k, k), np.float32) * np.sqrt(2 / (in_c * k * k))).astype(np.float32)
-        self.inits += [numpy_helper.from_array(w, f"conv{i}.weight"), numpy_helper.from_array(np.zeros(out_c, np.float32), f"conv{i}.bias")]
-        self.nodes.append(helper.make_node("Conv", [x, f"conv{i}.weight", f"conv{i}.bias"], [f"conv{i}"], name=f"Conv_{i}",
-                                           kernel_shape=[k, k], strides=[stride] * 2, pads=[k // 2] * 4))
+        self.inits += [
+            numpy_helper.from_array(w, f"conv{i}.weight"),
+            numpy_helper.from_array(np.zeros(out_c, np.float32), f"conv{i}.bias"),
+        ]
+        self.nodes.append(
+            helper.make_node(
+                "Conv",
+                [x, f"conv{i}.weight", f"conv{i}.bias"],
+                [f"conv{i}"],
+                name=f"Conv_{i}",
+                kernel_shape=[k, k],
+                strides=[stride] * 2,
+                pads=[k // 2] * 4,
+            )
+        )
         return self.relu(f"conv{i}") if relu else f"conv{i}"
 
     def relu(self, x: str) -> str:
@@ -60,8 +72,13 @@ def resnet50(rng: np.random.Generator) -> onnx.ModelProto:
     fc = rng.standard_normal((1000, 2048), np.float32) * 0.01
     b.inits.append(numpy_helper.from_array(fc.astype(np.float32), "fc.weight"))
     b.nodes.append(helper.make_node("Gemm", ["flat", "fc.weight"], ["logits"], transB=1))
-    graph = helper.make_graph(b.nodes, "resnet50", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 224, 224])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1000])], b.inits)
+    graph = helper.make_graph(
+        b.nodes,
+        "resnet50",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 224, 224])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1000])],
+        b.inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -86,8 +103,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src, dst, plain = Path(tmp, "resnet50.onnx"), Path(tmp, "pruned.onnx"), Path(tmp, "copy.onnx")
         onnx.save(resnet50(np.random.default_rng(0)), src)
-        conv_params = sum(int(np.prod(t.dims)) for t in onnx.load(src).graph.initializer
-                          if t.name.endswith(".weight") and len(t.dims) == 4)
+        conv_params = sum(
+            int(np.prod(t.dims))
+            for t in onnx.load(src).graph.initializer
+            if t.name.endswith(".weight") and len(t.dims) == 4
+        )
 
         def reference() -> None:
             onnx.save(onnx.load(src), plain)
@@ -114,8 +134,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{result['model']}: {conv_params / 1e6:.1f}M conv weights, {args.pattern}/{args.scope} "
-              f"pruning at {args.sparsity:.0%} (achieved {sparsity:.2%}), best of {args.repeat}")
+        print(
+            f"{result['model']}: {conv_params / 1e6:.1f}M conv weights, {args.pattern}/{args.scope} "
+            f"pruning at {args.sparsity:.0%} (achieved {sparsity:.2%}), best of {args.repeat}"
+        )
         print(f"  gpp-onnx load + prune + save: {t_gpp:.3f} s")
         print(f"  onnx.load + onnx.save:        {t_ref:.3f} s")
         print(f"  ratio: {t_gpp / t_ref:.2f}x")

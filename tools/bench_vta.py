@@ -33,16 +33,14 @@ from vta_backend.quant import QuantConv, quantize, shift_for
 
 # (in channels, out channels, input size, stride) of ResNet-20's residual-stage convs
 RESNET20_CONVS = (
-    [(16, 16, 32, 1)] * 6
-    + [(16, 32, 32, 2)] + [(32, 32, 16, 1)] * 5
-    + [(32, 64, 16, 2)] + [(64, 64, 8, 1)] * 5
+    [(16, 16, 32, 1)] * 6 + [(16, 32, 32, 2)] + [(32, 32, 16, 1)] * 5 + [(32, 64, 16, 2)] + [(64, 64, 8, 1)] * 5
 )
 
 
 def conv_graph(weights: list[np.ndarray], batch: int) -> onnx.ModelProto:
     """Every conv as an independent node with its own input, so ORT runs exactly these convs."""
     nodes, inputs, outputs, inits = [], [], [], []
-    for i, ((cin, cout, size, stride), w) in enumerate(zip(RESNET20_CONVS, weights)):
+    for i, ((cin, _, size, stride), w) in enumerate(zip(RESNET20_CONVS, weights)):
         inits.append(numpy_helper.from_array(w, f"w{i}"))
         nodes.append(helper.make_node("Conv", [f"x{i}", f"w{i}"], [f"y{i}"], pads=[1, 1, 1, 1], strides=[stride] * 2))
         inputs.append(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [batch, cin, size, size]))
@@ -52,12 +50,16 @@ def conv_graph(weights: list[np.ndarray], batch: int) -> onnx.ModelProto:
 
 
 def pruned_weights(rng: np.random.Generator, sparsity: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    weights = [(rng.standard_normal((cout, cin, 3, 3)) * np.sqrt(2 / (9 * cin))).astype(np.float32)
-               for cin, cout, _, _ in RESNET20_CONVS]
+    weights = [
+        (rng.standard_normal((cout, cin, 3, 3)) * np.sqrt(2 / (9 * cin))).astype(np.float32)
+        for cin, cout, _, _ in RESNET20_CONVS
+    ]
     pruned, _ = gpp_onnx.prune(conv_graph(weights, 1), sparsity, pattern="group")
     annotation = gpp_onnx.read_annotation(pruned)
     arrays = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
-    return [arrays[f"w{i}"] for i in range(len(weights))], [annotation.for_weight(f"w{i}").kept for i in range(len(weights))]
+    return [arrays[f"w{i}"] for i in range(len(weights))], [
+        annotation.for_weight(f"w{i}").kept for i in range(len(weights))
+    ]
 
 
 def best_time(fn, repeat: int) -> float:
@@ -73,7 +75,7 @@ def measure(sparsity: float, batch: int, interpreter_batch: int, repeat: int, co
     rng = np.random.default_rng(0)
     weights, kept = pruned_weights(rng, sparsity)
     layers, inputs_q, inputs_f = [], [], {}
-    for i, ((cin, cout, size, stride), w, k) in enumerate(zip(RESNET20_CONVS, weights, kept)):
+    for i, ((cin, _, size, stride), w, k) in enumerate(zip(RESNET20_CONVS, weights, kept)):
         q = quantize(w, int(shift_for(np.abs(w).max())))
         conv = QuantConv(f"conv{i}", q, stride=(stride, stride), pads=(1, 1, 1, 1), shift=8, relu=True, kept=k)
         layers.append(VtaConv.compile(conv, (cin, size, size), config))
@@ -82,8 +84,9 @@ def measure(sparsity: float, batch: int, interpreter_batch: int, repeat: int, co
         inputs_f[f"x{i}"] = x.astype(np.float32) / 16
     options = ort.SessionOptions()
     options.intra_op_num_threads = 0
-    session = ort.InferenceSession(conv_graph(weights, batch).SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        conv_graph(weights, batch).SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     session.run(None, inputs_f)  # warm-up
     t_ort = best_time(lambda: session.run(None, inputs_f), repeat)
     t_fast = best_time(lambda: [layer.run_packed(x, "fast") for layer, x in zip(layers, inputs_q)], repeat)
@@ -116,18 +119,27 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     config = VTAConfig()
-    rows = [measure(float(s), args.batch, args.interpreter_batch, args.repeat, config) for s in args.sparsities.split(",")]
+    rows = [
+        measure(float(s), args.batch, args.interpreter_batch, args.repeat, config) for s in args.sparsities.split(",")
+    ]
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"ResNet-20 residual-stage convs (18), batch {args.batch}; images/s on this machine, "
-          f"VTA cycles simulated ({config.BOARD}, {config.clock_mhz:g} MHz)")
-    print(f"{'sparsity':>8} {'ORT fp32':>10} {'fast':>10} {'fast/ORT':>9} {'interp':>9} {'interp slower':>13} "
-          f"{'sim cycles':>12} {'sim speedup':>11} {'Amdahl':>7}")
+    print(
+        f"ResNet-20 residual-stage convs (18), batch {args.batch}; images/s on this machine, "
+        f"VTA cycles simulated ({config.BOARD}, {config.clock_mhz:g} MHz)"
+    )
+    print(
+        f"{'sparsity':>8} {'ORT fp32':>10} {'fast':>10} {'fast/ORT':>9} {'interp':>9} {'interp slower':>13} "
+        f"{'sim cycles':>12} {'sim speedup':>11} {'Amdahl':>7}"
+    )
     for r in rows:
-        print(f"{r['sparsity']:>8.2f} {r['ort_fp32_images_per_s']:>10.0f} {r['fast_images_per_s']:>10.0f} "
-              f"{r['fast_vs_ort']:>8.2f}x {r['interpreter_images_per_s']:>9.1f} {r['interpreter_slowdown_vs_fast']:>12.1f}x "
-              f"{r['simulated_cycles_per_image']:>12,} {r['simulated_speedup']:>10.2f}x {r['amdahl_bound']:>6.2f}x")
+        print(
+            f"{r['sparsity']:>8.2f} {r['ort_fp32_images_per_s']:>10.0f} {r['fast_images_per_s']:>10.0f} "
+            f"{r['fast_vs_ort']:>8.2f}x {r['interpreter_images_per_s']:>9.1f} "
+            f"{r['interpreter_slowdown_vs_fast']:>12.1f}x "
+            f"{r['simulated_cycles_per_image']:>12,} {r['simulated_speedup']:>10.2f}x {r['amdahl_bound']:>6.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,19 @@ import numpy as np
 from gpp_onnx.errors import UserError
 from vta_backend.config import VTAConfig
 from vta_backend.isa import (
-    LOOP_ITER_WIDTH, AluInsn, AluOp, Deps, FieldOverflow, FinishInsn, GemmInsn, Insn, MemInsn, MemType,
-    Opcode, encode, encode_uops,
+    LOOP_ITER_WIDTH,
+    AluInsn,
+    AluOp,
+    Deps,
+    FieldOverflow,
+    FinishInsn,
+    GemmInsn,
+    Insn,
+    MemInsn,
+    MemType,
+    Opcode,
+    encode,
+    encode_uops,
 )
 from vta_backend.layout import ceil_div, pack_weights
 from vta_backend.quant import QuantConv
@@ -109,7 +120,7 @@ class Program:
 
     def _per_lane(self, values: np.ndarray) -> np.ndarray:
         lanes = np.zeros((self.geometry.oc_tiles, self.config.BLOCK_OUT), np.int32)
-        lanes.reshape(-1)[:self.geometry.out_channels] = values
+        lanes.reshape(-1)[: self.geometry.out_channels] = values
         return lanes
 
     @cached_property
@@ -153,7 +164,9 @@ class _UopTable:
 def geometry(conv: QuantConv, in_shape: tuple[int, int, int], config: VTAConfig) -> Geometry:
     c, h, w = in_shape
     if c != conv.in_channels // conv.groups:
-        raise CompileError(f"layer {conv.name}: input has {c} channels, the weight expects {conv.in_channels // conv.groups}")
+        raise CompileError(
+            f"layer {conv.name}: input has {c} channels, the weight expects {conv.in_channels // conv.groups}"
+        )
     oh, ow = conv.out_size(h, w)
     kh, kw = conv.kernel
     oc = conv.weight.shape[0] // conv.groups
@@ -165,13 +178,17 @@ def _window(conv: QuantConv, rows: int, cols: int) -> tuple[int, int]:
     return (rows - 1) * sh + (kh - 1) * dh + 1, (cols - 1) * sw + (kw - 1) * dw + 1
 
 
-def _fits(conv: QuantConv, g: Geometry, config: VTAConfig, ob: int, rows: int, cols: int, halves: int,
-          vectors_per_tile: int) -> bool:
+def _fits(
+    conv: QuantConv, g: Geometry, config: VTAConfig, ob: int, rows: int, cols: int, halves: int, vectors_per_tile: int
+) -> bool:
     win_rows, win_cols = _window(conv, rows, cols)
-    return (halves * win_rows * win_cols <= config.inp_depth
-            and halves * ob * g.positions <= config.wgt_depth
-            and halves * ob * (rows * cols + vectors_per_tile) <= config.acc_depth
-            and ob * rows <= ITER_LIMIT and win_cols * conv.stride[0] < config.inp_depth)
+    return (
+        halves * win_rows * win_cols <= config.inp_depth
+        and halves * ob * g.positions <= config.wgt_depth
+        and halves * ob * (rows * cols + vectors_per_tile) <= config.acc_depth
+        and ob * rows <= ITER_LIMIT
+        and win_cols * conv.stride[0] < config.inp_depth
+    )
 
 
 def choose_tiling(conv: QuantConv, g: Geometry, config: VTAConfig) -> Tiling:
@@ -216,18 +233,23 @@ def kept_tiles(conv: QuantConv, group: int, packed: np.ndarray) -> np.ndarray:
         return nonzero
     annotated = conv.kept[group]
     if annotated.shape != nonzero.shape:
-        raise CompileError(f"layer {conv.name}: the annotation's tile map {annotated.shape} does not match "
-                           f"the weight's {nonzero.shape}; re-run gpp-onnx prune")
+        raise CompileError(
+            f"layer {conv.name}: the annotation's tile map {annotated.shape} does not match "
+            f"the weight's {nonzero.shape}; re-run gpp-onnx prune"
+        )
     bad = np.argwhere(nonzero & ~annotated)
     if bad.size:
         o, i, p = bad[0]
-        raise CompileError(f"layer {conv.name}: tile (group {group}, oc_tile {o}, ic_tile {i}, position {p}) is "
-                           "marked pruned but holds nonzero weights; re-run gpp-onnx prune")
+        raise CompileError(
+            f"layer {conv.name}: tile (group {group}, oc_tile {o}, ic_tile {i}, position {p}) is "
+            "marked pruned but holds nonzero weights; re-run gpp-onnx prune"
+        )
     return nonzero & annotated
 
 
-def compile_conv(conv: QuantConv, in_shape: tuple[int, int, int], config: VTAConfig, group: int = 0,
-                 tiling: Tiling | None = None) -> Program:
+def compile_conv(
+    conv: QuantConv, in_shape: tuple[int, int, int], config: VTAConfig, group: int = 0, tiling: Tiling | None = None
+) -> Program:
     """Compile conv group ``group`` for an input of ``in_shape`` = (channels of the group, H, W)."""
     g = geometry(conv, in_shape, config)
     (sh, sw), (dh, dw) = conv.stride, conv.dilation
@@ -250,20 +272,22 @@ def compile_conv(conv: QuantConv, in_shape: tuple[int, int, int], config: VTACon
 
     bias = conv.bias_with_rounding()[oc_slice]
     acc_image = np.zeros((g.oc_tiles * (2 if per_channel else 1), config.BLOCK_OUT), np.int32)
-    acc_image[:g.oc_tiles].reshape(-1)[:g.out_channels] = bias
+    acc_image[: g.oc_tiles].reshape(-1)[: g.out_channels] = bias
     if per_channel:
-        acc_image[g.oc_tiles:].reshape(-1)[:g.out_channels] = conv.shifts()[oc_slice]
+        acc_image[g.oc_tiles :].reshape(-1)[: g.out_channels] = conv.shifts()[oc_slice]
 
-    blocks = [(o0, y0, x0) for o0 in range(0, g.oc_tiles, ob)
-              for y0 in range(0, g.out_height, rows) for x0 in range(0, g.out_width, cols)]
+    blocks = [
+        (o0, y0, x0)
+        for o0 in range(0, g.oc_tiles, ob)
+        for y0 in range(0, g.out_height, rows)
+        for x0 in range(0, g.out_width, cols)
+    ]
     uops = _UopTable()
     weight_tiles: list[np.ndarray] = []
     # (module, insn) in program order; modules: "load", "compute", "store"
     stream: list[tuple[str, Insn]] = []
     step = 0
-    steps_total = sum(
-        1 for o0, _, _ in blocks for it in range(g.ic_tiles) if kept[o0:o0 + ob, it].any()
-    )
+    steps_total = sum(1 for o0, _, _ in blocks for it in range(g.ic_tiles) if kept[o0 : o0 + ob, it].any())
     gemm_uops = dense_uops = 0
     for b, (o0, y0, x0) in enumerate(blocks):
         obb, rb, cb = min(ob, g.oc_tiles - o0), min(rows, g.out_height - y0), min(cols, g.out_width - x0)
@@ -282,7 +306,7 @@ def compile_conv(conv: QuantConv, in_shape: tuple[int, int, int], config: VTACon
             stream[first_compute][1].deps.pop_next = True  # wait for the store of block b - halves
         win_rows, win_cols = _window(conv, rb, cb)
         for it in range(g.ic_tiles):
-            block_kept = kept[o0:o0 + obb, it]
+            block_kept = kept[o0 : o0 + obb, it]
             dense_uops += obb * g.positions * pixels
             if not block_kept.any():
                 continue
@@ -294,16 +318,34 @@ def compile_conv(conv: QuantConv, in_shape: tuple[int, int, int], config: VTACon
             if (o0, it) not in weight_offsets:
                 weight_offsets[(o0, it)] = len(weight_tiles)
                 weight_tiles.extend(tiles[o0 + o, it, p] for o, p in kept_list)
-            weight_load = MemInsn(Opcode.LOAD, MemType.WGT, wgt_base, weight_offsets[(o0, it)], 1, len(kept_list),
-                                  len(kept_list), deps=Deps(push_next=True))
+            weight_load = MemInsn(
+                Opcode.LOAD,
+                MemType.WGT,
+                wgt_base,
+                weight_offsets[(o0, it)],
+                1,
+                len(kept_list),
+                len(kept_list),
+                deps=Deps(push_next=True),
+            )
             stream += [("load", load), ("load", weight_load)]
             gemm_list = [
                 (acc_base + o * pixels, inp_base + (p // g.kw) * dh * win_cols + (p % g.kw) * dw, wgt_base + slot)
                 for slot, (o, p) in enumerate(kept_list)
             ]
             begin, end = uops.add(gemm_list)
-            gemm = GemmInsn(False, begin, end, rb, cb, cb, 1, sh * win_cols, sw,
-                            deps=Deps(pop_prev=True, push_prev=step + halves < steps_total))
+            gemm = GemmInsn(
+                False,
+                begin,
+                end,
+                rb,
+                cb,
+                cb,
+                1,
+                sh * win_cols,
+                sw,
+                deps=Deps(pop_prev=True, push_prev=step + halves < steps_total),
+            )
             stream.append(("compute", gemm))
             gemm_uops += gemm.count
             step += 1
@@ -317,8 +359,10 @@ def compile_conv(conv: QuantConv, in_shape: tuple[int, int, int], config: VTACon
 
     uop_words = np.array(uops.rows, np.int64).reshape(-1, 3)
     if len(uop_words) > config.uop_depth:
-        raise CompileError(f"layer {conv.name}: needs {len(uop_words)} micro-ops, more than the "
-                           f"{config.uop_depth} of the micro-op buffer; use a VTA config with a larger LOG_UOP_BUFF_SIZE")
+        raise CompileError(
+            f"layer {conv.name}: needs {len(uop_words)} micro-ops, more than the "
+            f"{config.uop_depth} of the micro-op buffer; use a VTA config with a larger LOG_UOP_BUFF_SIZE"
+        )
     try:
         words = encode_uops(uop_words[:, 0], uop_words[:, 1], uop_words[:, 2], config)
     except FieldOverflow as exc:
@@ -326,34 +370,59 @@ def compile_conv(conv: QuantConv, in_shape: tuple[int, int, int], config: VTACon
     insns = [MemInsn(Opcode.LOAD, MemType.UOP, 0, 0, 1, len(words), len(words))] + [i for _, i in stream]
     program = Program(
         name=conv.name if conv.groups == 1 else f"{conv.name}[group {group}]",
-        config=config, conv=conv, geometry=g, tiling=tiling, insns=insns, uops=words,
+        config=config,
+        conv=conv,
+        geometry=g,
+        tiling=tiling,
+        insns=insns,
+        uops=words,
         weights=np.array(weight_tiles, np.int8).reshape(-1, config.BLOCK_OUT, config.BLOCK_IN),
-        acc_image=acc_image, kept=kept, tiles=tiles, group=group,
-        stats={"gemm_uops": gemm_uops, "gemm_uops_dense": dense_uops, "tiles_total": int(kept.size),
-               "tiles_kept": int(kept.sum()), "blocks": len(blocks), "steps": steps_total},
+        acc_image=acc_image,
+        kept=kept,
+        tiles=tiles,
+        group=group,
+        stats={
+            "gemm_uops": gemm_uops,
+            "gemm_uops_dense": dense_uops,
+            "tiles_total": int(kept.size),
+            "tiles_kept": int(kept.sum()),
+            "blocks": len(blocks),
+            "steps": steps_total,
+        },
     )
     _check_fields(program)
     return program
 
 
-def _input_load(conv: QuantConv, g: Geometry, it: int, row0: int, col0: int, win_rows: int, win_cols: int,
-                sram_base: int) -> MemInsn:
+def _input_load(
+    conv: QuantConv, g: Geometry, it: int, row0: int, col0: int, win_rows: int, win_cols: int, sram_base: int
+) -> MemInsn:
     """LOAD INP of an input window starting at (row0, col0), which may reach into the padding."""
     r_start, r_end = max(0, row0), min(g.height, row0 + win_rows)
     c_start, c_end = max(0, col0), min(g.width, col0 + win_cols)
     if r_end <= r_start or c_end <= c_start:
-        raise CompileError(f"layer {conv.name}: an input window lies entirely in the padding "
-                           "(padding wider than the kernel's reach); VTA's LOAD cannot express it")
+        raise CompileError(
+            f"layer {conv.name}: an input window lies entirely in the padding "
+            "(padding wider than the kernel's reach); VTA's LOAD cannot express it"
+        )
     return MemInsn(
-        Opcode.LOAD, MemType.INP, sram_base, (it * g.height + r_start) * g.width + c_start,
-        r_end - r_start, c_end - c_start, g.width,
-        y_pad_0=r_start - row0, y_pad_1=row0 + win_rows - r_end,
-        x_pad_0=c_start - col0, x_pad_1=col0 + win_cols - c_end,
+        Opcode.LOAD,
+        MemType.INP,
+        sram_base,
+        (it * g.height + r_start) * g.width + c_start,
+        r_end - r_start,
+        c_end - c_start,
+        g.width,
+        y_pad_0=r_start - row0,
+        y_pad_1=row0 + win_rows - r_end,
+        x_pad_0=c_start - col0,
+        x_pad_1=col0 + win_cols - c_end,
     )
 
 
-def _requantize(conv: QuantConv, uops: _UopTable, acc_base: int, bias_base: int, shift_base: int,
-                obb: int, rb: int, cb: int) -> list[AluInsn]:
+def _requantize(
+    conv: QuantConv, uops: _UopTable, acc_base: int, bias_base: int, shift_base: int, obb: int, rb: int, cb: int
+) -> list[AluInsn]:
     """ADD bias+rounding (tensor), SHR (immediate or per-channel tensor), MIN 127, MAX -127 / 0."""
     pixels = rb * cb
     per_tile = lambda src_base: uops.add([(acc_base + o * pixels, src_base + o, 0) for o in range(obb)])  # noqa: E731
@@ -373,8 +442,15 @@ def _stores(g: Geometry, acc_base: int, o0: int, obb: int, y0: int, x0: int, rb:
     if rb == g.out_height and cb == g.out_width:
         return [MemInsn(Opcode.STORE, MemType.OUT, acc_base, o0 * rb * cb, obb * rb, cb, cb)]
     return [
-        MemInsn(Opcode.STORE, MemType.OUT, acc_base + o * rb * cb, ((o0 + o) * g.out_height + y0) * g.out_width + x0,
-                rb, cb, g.out_width)
+        MemInsn(
+            Opcode.STORE,
+            MemType.OUT,
+            acc_base + o * rb * cb,
+            ((o0 + o) * g.out_height + y0) * g.out_width + x0,
+            rb,
+            cb,
+            g.out_width,
+        )
         for o in range(obb)
     ]
 

@@ -46,9 +46,7 @@ class VTAConfig:
             value = getattr(self, field.name)
             if field.name == "BOARD":
                 if value not in BOARDS:
-                    raise UserError(
-                        f"VTA config: unknown BOARD {value!r}; use one of {', '.join(BOARDS)}"
-                    )
+                    raise UserError(f"VTA config: unknown BOARD {value!r}; use one of {', '.join(BOARDS)}")
             elif value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise UserError(f"VTA config: {field.name} must be an integer, got {value!r}")
             elif value is not None and not 0 <= value <= 24:
@@ -66,8 +64,7 @@ class VTAConfig:
         ):
             if 2 ** getattr(self, name) < entry_bytes:
                 raise UserError(
-                    f"VTA config: {name}={getattr(self, name)} holds less than one "
-                    f"{entry_bytes}-byte entry"
+                    f"VTA config: {name}={getattr(self, name)} holds less than one {entry_bytes}-byte entry"
                 )
 
     @classmethod
@@ -86,8 +83,7 @@ class VTAConfig:
         unknown = sorted(set(data) - known - _IGNORED_KEYS)
         if unknown:
             raise UserError(
-                f"VTA config {path}: unknown key(s) {', '.join(unknown)}; "
-                f"known keys are {', '.join(sorted(known))}"
+                f"VTA config {path}: unknown key(s) {', '.join(unknown)}; known keys are {', '.join(sorted(known))}"
             )
         return cls(**{k: v for k, v in data.items() if k in known})
 

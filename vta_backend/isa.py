@@ -155,18 +155,48 @@ class IndexWidths:
 @lru_cache(maxsize=None)
 def _layouts(w: IndexWidths) -> dict[Opcode, list[tuple[str, int, int]]]:
     """(field, bit offset, width) per opcode, with the no-straddle rule applied."""
-    loop = [("reset", 1), ("uop_bgn", w.uop), ("uop_end", w.uop + 1),
-            ("iter_out", LOOP_ITER_WIDTH), ("iter_in", LOOP_ITER_WIDTH)]
+    loop = [
+        ("reset", 1),
+        ("uop_bgn", w.uop),
+        ("uop_end", w.uop + 1),
+        ("iter_out", LOOP_ITER_WIDTH),
+        ("iter_in", LOOP_ITER_WIDTH),
+    ]
     specs = {
-        Opcode.LOAD: _HEAD + [("memory_type", 3), ("sram_base", 16), ("dram_base", 32), ("y_size", 16),
-                              ("x_size", 16), ("x_stride", 16), ("y_pad_0", 4), ("y_pad_1", 4),
-                              ("x_pad_0", 4), ("x_pad_1", 4)],
-        Opcode.GEMM: _HEAD + loop + [("dst_factor_out", w.acc), ("dst_factor_in", w.acc),
-                                     ("src_factor_out", w.inp), ("src_factor_in", w.inp),
-                                     ("wgt_factor_out", w.wgt), ("wgt_factor_in", w.wgt)],
-        Opcode.ALU: _HEAD + loop + [("dst_factor_out", w.acc), ("dst_factor_in", w.acc),
-                                    ("src_factor_out", w.acc), ("src_factor_in", w.acc),
-                                    ("alu_opcode", 3), ("use_imm", 1), ("imm", 16)],
+        Opcode.LOAD: _HEAD
+        + [
+            ("memory_type", 3),
+            ("sram_base", 16),
+            ("dram_base", 32),
+            ("y_size", 16),
+            ("x_size", 16),
+            ("x_stride", 16),
+            ("y_pad_0", 4),
+            ("y_pad_1", 4),
+            ("x_pad_0", 4),
+            ("x_pad_1", 4),
+        ],
+        Opcode.GEMM: _HEAD
+        + loop
+        + [
+            ("dst_factor_out", w.acc),
+            ("dst_factor_in", w.acc),
+            ("src_factor_out", w.inp),
+            ("src_factor_in", w.inp),
+            ("wgt_factor_out", w.wgt),
+            ("wgt_factor_in", w.wgt),
+        ],
+        Opcode.ALU: _HEAD
+        + loop
+        + [
+            ("dst_factor_out", w.acc),
+            ("dst_factor_in", w.acc),
+            ("src_factor_out", w.acc),
+            ("src_factor_in", w.acc),
+            ("alu_opcode", 3),
+            ("use_imm", 1),
+            ("imm", 16),
+        ],
         Opcode.FINISH: list(_HEAD),
     }
     specs[Opcode.STORE] = specs[Opcode.LOAD]
@@ -179,16 +209,21 @@ def _layouts(w: IndexWidths) -> dict[Opcode, list[tuple[str, int, int]]]:
             placed.append((name, offset, width))
             offset += width
         if offset > 128:
-            raise UserError(f"VTA config: {opcode.name} instructions need {offset} bits, more than 128; "
-                            "reduce the buffer sizes")
+            raise UserError(
+                f"VTA config: {opcode.name} instructions need {offset} bits, more than 128; reduce the buffer sizes"
+            )
         layouts[opcode] = placed
     return layouts
 
 
 def _values(insn: Insn) -> tuple[Opcode, dict[str, int]]:
     values = {f.name: getattr(insn, f.name) for f in fields(insn) if f.name != "deps"}
-    values.update(pop_prev=insn.deps.pop_prev, pop_next=insn.deps.pop_next,
-                  push_prev=insn.deps.push_prev, push_next=insn.deps.push_next)
+    values.update(
+        pop_prev=insn.deps.pop_prev,
+        pop_next=insn.deps.pop_next,
+        push_prev=insn.deps.push_prev,
+        push_next=insn.deps.push_next,
+    )
     if isinstance(insn, MemInsn):
         opcode = insn.opcode
     elif isinstance(insn, GemmInsn):
@@ -234,8 +269,13 @@ def decode(data: bytes, config: VTAConfig) -> Insn:
     if opcode == Opcode.GEMM:
         return GemmInsn(reset=bool(values.pop("reset")), deps=deps, **values)
     if opcode == Opcode.ALU:
-        return AluInsn(alu_opcode=AluOp(values.pop("alu_opcode")), use_imm=bool(values.pop("use_imm")),
-                       reset=bool(values.pop("reset")), deps=deps, **values)
+        return AluInsn(
+            alu_opcode=AluOp(values.pop("alu_opcode")),
+            use_imm=bool(values.pop("use_imm")),
+            reset=bool(values.pop("reset")),
+            deps=deps,
+            **values,
+        )
     return FinishInsn(deps=deps)
 
 
@@ -244,7 +284,7 @@ def encode_program(insns: list[Insn], config: VTAConfig) -> bytes:
 
 
 def decode_program(data: bytes, config: VTAConfig) -> list[Insn]:
-    return [decode(data[i:i + 16], config) for i in range(0, len(data), 16)]
+    return [decode(data[i : i + 16], config) for i in range(0, len(data), 16)]
 
 
 def uop_fields(config: VTAConfig) -> tuple[int, int, int]:
@@ -263,13 +303,19 @@ def encode_uops(dst: np.ndarray, src: np.ndarray, wgt: np.ndarray, config: VTACo
         values = np.asarray(values, np.int64)
         if values.size and (values.min() < 0 or values.max() >= 1 << bits):
             raise FieldOverflow(f"micro-op {name} index {int(values.max())} does not fit in {bits} bits")
-    words = (np.asarray(dst, np.uint64) | (np.asarray(src, np.uint64) << np.uint64(d_bits))
-             | (np.asarray(wgt, np.uint64) << np.uint64(d_bits + s_bits)))
+    words = (
+        np.asarray(dst, np.uint64)
+        | (np.asarray(src, np.uint64) << np.uint64(d_bits))
+        | (np.asarray(wgt, np.uint64) << np.uint64(d_bits + s_bits))
+    )
     return words.astype(np.uint32)
 
 
 def decode_uops(words: np.ndarray, config: VTAConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     d_bits, s_bits, w_bits = uop_fields(config)
     words = np.asarray(words, np.int64)
-    return (words & ((1 << d_bits) - 1), (words >> d_bits) & ((1 << s_bits) - 1),
-            (words >> (d_bits + s_bits)) & ((1 << w_bits) - 1))
+    return (
+        words & ((1 << d_bits) - 1),
+        (words >> d_bits) & ((1 << s_bits) - 1),
+        (words >> (d_bits + s_bits)) & ((1 << w_bits) - 1),
+    )

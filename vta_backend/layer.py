@@ -94,8 +94,10 @@ class VtaConv:
         per_group = x.shape[1] // self.conv.groups
         block_in = self.config.BLOCK_IN
         outputs = [
-            unpack_activations(self.run_packed(pack_activations(x[:, g * per_group:(g + 1) * per_group], block_in), path, g),
-                               program.geometry.out_channels)
+            unpack_activations(
+                self.run_packed(pack_activations(x[:, g * per_group : (g + 1) * per_group], block_in), path, g),
+                program.geometry.out_channels,
+            )
             for g, program in enumerate(self.programs)
         ]
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=1)

@@ -86,15 +86,24 @@ def write_programs(compiled: CompiledModel, out_dir: Path) -> list[str]:
     try:
         summary = compiled.summary()
         files = {}
-        for i, (node, layer) in enumerate(compiled.layers.items()):
+        for i, layer in enumerate(compiled.layers.values()):
             for program in layer.programs:
                 stem = _file_stem(i, program.name)
-                for suffix, data in ((".insn.bin", program.binary()), (".uop.bin", program.uops.tobytes()),
-                                     (".wgt.bin", program.weights.tobytes()), (".acc.bin", program.acc_image.tobytes())):
+                for suffix, data in (
+                    (".insn.bin", program.binary()),
+                    (".uop.bin", program.uops.tobytes()),
+                    (".wgt.bin", program.weights.tobytes()),
+                    (".acc.bin", program.acc_image.tobytes()),
+                ):
                     (tmp / (stem + suffix)).write_bytes(data)
                     written.append(stem + suffix)
-                files[program.name] = {"stem": stem, "instructions": len(program.insns), "uops": len(program.uops),
-                                       "weight_tiles": len(program.weights), "tiling": vars(program.tiling)}
+                files[program.name] = {
+                    "stem": stem,
+                    "instructions": len(program.insns),
+                    "uops": len(program.uops),
+                    "weight_tiles": len(program.weights),
+                    "tiling": vars(program.tiling),
+                }
         summary["files"] = files
         summary["config"] = compiled.config.to_dict()
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

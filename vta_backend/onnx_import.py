@@ -87,8 +87,10 @@ def extract_convs(
     if annotation is not None:
         validate_annotation(model, annotation)
         if (annotation.tile.block_out, annotation.tile.block_in) != (config.BLOCK_OUT, config.BLOCK_IN):
-            raise UserError(f"the model was pruned for {annotation.tile} tiles but the VTA config has "
-                            f"{config.BLOCK_OUT}x{config.BLOCK_IN}; prune again with --tile matching the config")
+            raise UserError(
+                f"the model was pruned for {annotation.tile} tiles but the VTA config has "
+                f"{config.BLOCK_OUT}x{config.BLOCK_IN}; prune again with --tile matching the config"
+            )
     shapes = static_shapes(model, input_shape)
     index = GraphIndex(model.graph)
     layers = {name: layer for layer in find_layers(model) for name in layer.nodes}
@@ -128,7 +130,7 @@ def extract_convs(
                 site.reason = "bias is not a constant"
                 continue
             bias_scale = np.exp2(s_in + s_w.astype(np.float64))
-            bias = np.clip(np.round(b.astype(np.float64) * bias_scale), -2**31, 2**31 - 1).astype(np.int32)
+            bias = np.clip(np.round(b.astype(np.float64) * bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
         pads = list(_attr(node, "pads", [0, 0, 0, 0]))  # type: ignore[arg-type]
         if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             site.reason = "auto_pad is not supported; export with explicit pads"
@@ -136,12 +138,15 @@ def extract_convs(
         entry = annotation.for_weight(layer.weight) if annotation else None
         requant = s_in + s_w - s_out
         site.conv = QuantConv(
-            name=name, weight=q,
+            name=name,
+            weight=q,
             stride=tuple(_attr(node, "strides", [1, 1])),  # type: ignore[arg-type]
             pads=(pads[0], pads[1], pads[2], pads[3]),
             dilation=tuple(_attr(node, "dilations", [1, 1])),  # type: ignore[arg-type]
             groups=int(_attr(node, "group", 1)),  # type: ignore[arg-type]
-            bias=bias, shift=requant.astype(np.int64) if per_channel else int(requant), relu=relu is not None,
+            bias=bias,
+            shift=requant.astype(np.int64) if per_channel else int(requant),
+            relu=relu is not None,
             kept=None if entry is None else entry.kept,
         )
         site.in_shape = (in_shape[1], in_shape[2], in_shape[3])

@@ -75,7 +75,9 @@ class QuantConv:
         if self.weight.dtype != np.int8 or self.weight.ndim != 4:
             raise UserError(f"layer {self.name}: weight must be int8 OIHW, got {self.weight.dtype} {self.weight.shape}")
         if self.weight.shape[0] % self.groups:
-            raise UserError(f"layer {self.name}: {self.weight.shape[0]} output channels do not split into {self.groups} groups")
+            raise UserError(
+                f"layer {self.name}: {self.weight.shape[0]} output channels do not split into {self.groups} groups"
+            )
         shifts = np.asarray(self.shift)
         if shifts.ndim > 1 or (shifts.ndim == 1 and shifts.size != self.weight.shape[0]):
             raise UserError(f"layer {self.name}: shift must be one int or one per output channel")
@@ -115,8 +117,9 @@ class QuantConv:
         return wrap32(bias + rounding)
 
 
-def requantize(acc: np.ndarray, bias_with_rounding: np.ndarray, shifts: np.ndarray, relu: bool,
-               channel_axis: int) -> np.ndarray:
+def requantize(
+    acc: np.ndarray, bias_with_rounding: np.ndarray, shifts: np.ndarray, relu: bool, channel_axis: int
+) -> np.ndarray:
     """VTA's ALU sequence on int32 accumulators (modified in place): add bias+rounding, shift, clip; int8 result."""
     if channel_axis in (-1, acc.ndim - 1) and acc.flags.c_contiguous:
         # channels last: view many pixels per row so the per-channel operands broadcast over long rows
@@ -128,7 +131,11 @@ def requantize(acc: np.ndarray, bias_with_rounding: np.ndarray, shifts: np.ndarr
     else:
         shape = [1] * acc.ndim
         shape[channel_axis] = -1
-        flat, bias_row, shift_row = acc, bias_with_rounding.astype(np.int32).reshape(shape), shifts.astype(np.int32).reshape(shape)
+        flat, bias_row, shift_row = (
+            acc,
+            bias_with_rounding.astype(np.int32).reshape(shape),
+            shifts.astype(np.int32).reshape(shape),
+        )
     np.add(flat, bias_row, out=flat)  # wraps at 32 bits
     if (shift_row == shift_row.flat[0]).all() and shift_row.flat[0] >= 0:
         np.right_shift(flat, int(shift_row.flat[0]), out=flat)  # arithmetic shift of signed integers

@@ -92,7 +92,7 @@ class _Machine:
         return base[:, None] + (i + j).ravel()[None, :]
 
     def gemm(self, insn: GemmInsn) -> None:
-        dst0, src0, wgt0 = decode_uops(self.uop[insn.uop_bgn:insn.uop_end], self.config)
+        dst0, src0, wgt0 = decode_uops(self.uop[insn.uop_bgn : insn.uop_end], self.config)
         dst = self._indices(insn, dst0, insn.dst_factor_out, insn.dst_factor_in)
         if insn.reset:
             self.acc[:, dst.ravel()] = 0
@@ -125,7 +125,7 @@ class _Machine:
         return products.sum(axis=1, dtype=np.int32)  # each product is 16 terms: exact in float32
 
     def alu(self, insn: AluInsn) -> None:
-        dst0, src0, _ = decode_uops(self.uop[insn.uop_bgn:insn.uop_end], self.config)
+        dst0, src0, _ = decode_uops(self.uop[insn.uop_bgn : insn.uop_end], self.config)
         dst = self._indices(insn, dst0, insn.dst_factor_out, insn.dst_factor_in)
         src = self._indices(insn, src0, insn.src_factor_out, insn.src_factor_in)
         sequential = not insn.use_imm and np.intersect1d(dst, src).size
@@ -171,9 +171,12 @@ def run_isa(program: Program, packed: np.ndarray) -> np.ndarray:
 def _int8_matmul() -> ort.InferenceSession:
     """ONNX Runtime's MatMulInteger: uint8 A (zero point 128, i.e. int8 + 128) x int8 B -> exact int32."""
     graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["A", "B", "a_zero"], ["Y"])], "int8_matmul",
-        [helper.make_tensor_value_info("A", TensorProto.UINT8, ["M", "K"]),
-         helper.make_tensor_value_info("B", TensorProto.INT8, ["K", "N"])],
+        [helper.make_node("MatMulInteger", ["A", "B", "a_zero"], ["Y"])],
+        "int8_matmul",
+        [
+            helper.make_tensor_value_info("A", TensorProto.UINT8, ["M", "K"]),
+            helper.make_tensor_value_info("B", TensorProto.INT8, ["K", "N"]),
+        ],
         [helper.make_tensor_value_info("Y", TensorProto.INT32, ["M", "N"])],
         [numpy_helper.from_array(np.array(128, np.uint8), "a_zero")],
     )
@@ -187,14 +190,22 @@ def _padded_items(program: Program, packed: np.ndarray) -> np.ndarray:
     """The input zero-padded, offset by 128 to uint8, as 16-byte items ``[B, IT, Hp, Wp]``."""
     conv, g, c = program.conv, program.geometry, program.config
     top, left, bottom, right = conv.pads
-    padded = np.full((packed.shape[0], g.ic_tiles, g.height + top + bottom, g.width + left + right, c.BLOCK_IN),
-                     128, np.uint8)
-    padded[:, :, top:top + g.height, left:left + g.width] = packed.view(np.uint8) ^ np.uint8(128)  # int8 + 128
+    padded = np.full(
+        (packed.shape[0], g.ic_tiles, g.height + top + bottom, g.width + left + right, c.BLOCK_IN), 128, np.uint8
+    )
+    padded[:, :, top : top + g.height, left : left + g.width] = packed.view(np.uint8) ^ np.uint8(128)  # int8 + 128
     return padded.view(np.dtype((np.void, c.BLOCK_IN)))[..., 0]
 
 
-def _accumulate(program: Program, items: np.ndarray, images: slice, its: np.ndarray, positions: np.ndarray,
-                weights: np.ndarray, width: int) -> np.ndarray:
+def _accumulate(
+    program: Program,
+    items: np.ndarray,
+    images: slice,
+    its: np.ndarray,
+    positions: np.ndarray,
+    weights: np.ndarray,
+    width: int,
+) -> np.ndarray:
     """int32 ``[pixels, width]``: the kept tile columns of these images times their weight tiles."""
     conv, g, c = program.conv, program.geometry, program.config
     (sh, sw), (dh, dw) = conv.stride, conv.dilation
@@ -205,7 +216,9 @@ def _accumulate(program: Program, items: np.ndarray, images: slice, its: np.ndar
     gathered = np.empty((count, g.out_height, g.out_width, its.size), items.dtype)
     for j, (it, p) in enumerate(zip(its, positions)):  # strided copy of one tile column
         r, q = (p // g.kw) * dh, (p % g.kw) * dw
-        gathered[..., j] = items[images, it, r:r + (g.out_height - 1) * sh + 1:sh, q:q + (g.out_width - 1) * sw + 1:sw]
+        gathered[..., j] = items[
+            images, it, r : r + (g.out_height - 1) * sh + 1 : sh, q : q + (g.out_width - 1) * sw + 1 : sw
+        ]
     columns = gathered.view(np.uint8).reshape(pixels, -1)
     session = _int8_matmul()
     acc = None
@@ -235,8 +248,13 @@ def run_fast(program: Program, packed: np.ndarray) -> np.ndarray:
     def run(task: tuple[tuple[list[int], np.ndarray, np.ndarray, np.ndarray], slice]) -> None:
         (ots, its, positions, weights), images = task
         acc = _accumulate(program, items, images, its, positions, weights, len(ots) * c.BLOCK_OUT)
-        result = requantize(acc, program.bias_with_rounding[ots].ravel(), program.shifts[ots].ravel(),
-                            program.conv.relu, channel_axis=-1)
+        result = requantize(
+            acc,
+            program.bias_with_rounding[ots].ravel(),
+            program.shifts[ots].ravel(),
+            program.conv.relu,
+            channel_axis=-1,
+        )
         result = result.reshape(images.stop - images.start, g.out_height, g.out_width, len(ots), c.BLOCK_OUT)
         for j, ot in enumerate(ots):
             out[images, ot] = result[:, :, :, j]

@@ -19,15 +19,23 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from vta_backend.config import VTAConfig
-from vta_backend.isa import AluInsn, FinishInsn, GemmInsn, Insn, MemInsn, MemType, Opcode
+from vta_backend.isa import AluInsn, GemmInsn, Insn, MemInsn, MemType, Opcode
 
 GEMM_OVERHEAD = 80
 ALU_OVERHEAD = 46
 DMA_OVERHEAD = 150
 
 CATEGORIES = ("load_inp", "load_wgt", "load_acc", "load_uop", "gemm", "alu", "store")
-MODULE_OF = {"load_inp": "load", "load_wgt": "load", "load_acc": "compute", "load_uop": "compute",
-             "gemm": "compute", "alu": "compute", "store": "store", "finish": "compute"}
+MODULE_OF = {
+    "load_inp": "load",
+    "load_wgt": "load",
+    "load_acc": "compute",
+    "load_uop": "compute",
+    "gemm": "compute",
+    "alu": "compute",
+    "store": "store",
+    "finish": "compute",
+}
 
 
 @dataclass
@@ -73,8 +81,13 @@ def classify(insn: Insn) -> str:
     if isinstance(insn, MemInsn):
         if insn.opcode == Opcode.STORE:
             return "store"
-        return {MemType.INP: "load_inp", MemType.WGT: "load_wgt", MemType.ACC: "load_acc",
-                MemType.ACC_8BIT: "load_acc", MemType.UOP: "load_uop"}[insn.memory_type]
+        return {
+            MemType.INP: "load_inp",
+            MemType.WGT: "load_wgt",
+            MemType.ACC: "load_acc",
+            MemType.ACC_8BIT: "load_acc",
+            MemType.UOP: "load_uop",
+        }[insn.memory_type]
     if isinstance(insn, GemmInsn):
         return "gemm"
     if isinstance(insn, AluInsn):
@@ -87,9 +100,12 @@ def cost(insn: Insn, config: VTAConfig) -> tuple[int, str, int]:
     if isinstance(insn, MemInsn):
         elements = insn.y_size * insn.x_size
         kind, elem_bytes = {
-            MemType.INP: ("inp", config.inp_vector_bytes), MemType.WGT: ("wgt", config.wgt_tile_bytes),
-            MemType.ACC: ("acc", config.acc_vector_bytes), MemType.ACC_8BIT: ("acc", config.acc_vector_bytes // 4),
-            MemType.UOP: ("uop", 4), MemType.OUT: ("out", config.BATCH * config.BLOCK_OUT),
+            MemType.INP: ("inp", config.inp_vector_bytes),
+            MemType.WGT: ("wgt", config.wgt_tile_bytes),
+            MemType.ACC: ("acc", config.acc_vector_bytes),
+            MemType.ACC_8BIT: ("acc", config.acc_vector_bytes // 4),
+            MemType.UOP: ("uop", 4),
+            MemType.OUT: ("out", config.BATCH * config.BLOCK_OUT),
         }[insn.memory_type]
         nbytes = elements * elem_bytes
         padding = 0
@@ -112,7 +128,8 @@ def simulate_timing(insns: list[Insn], config: VTAConfig) -> Timing:
     """
     clock = {"load": 0, "compute": 0, "store": 0}
     queues: dict[tuple[str, str], deque[int]] = {
-        (a, b): deque() for a, b in (("load", "compute"), ("compute", "load"), ("compute", "store"), ("store", "compute"))
+        (a, b): deque()
+        for a, b in (("load", "compute"), ("compute", "load"), ("compute", "store"), ("store", "compute"))
     }
     neighbours = {"load": (None, "compute"), "compute": ("load", "store"), "store": ("compute", None)}
     timing = Timing()
