@@ -96,7 +96,8 @@ def node_names(graph: onnx.GraphProto) -> list[str]:
     return [n.name or f"{n.op_type}_{i}" for i, n in enumerate(graph.node)]
 
 
-def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
+def node_attribute(node: onnx.NodeProto, name: str, default: object) -> object:
+    """The value of a node attribute, or ``default`` when the node does not set it."""
     for attr in node.attribute:
         if attr.name == name:
             return onnx.helper.get_attribute_value(attr)
@@ -180,12 +181,12 @@ def _trace(index: GraphIndex, name: str) -> tuple[StoredTensor | None, list[str]
         if node.op_type in _PASS_THROUGH:
             name = node.input[0]
         elif node.op_type == "DequantizeLinear" and not quantized:
-            if _attr(node, "block_size", 0):
+            if node_attribute(node, "block_size", 0):
                 return None, path, "blocked DequantizeLinear (block_size) is not supported"
             quantized = True
             scale_name = node.input[1]
             zero_name = node.input[2] if len(node.input) > 2 else ""
-            axis = int(_attr(node, "axis", 1))  # type: ignore[arg-type]
+            axis = int(node_attribute(node, "axis", 1))  # type: ignore[arg-type]
             name = node.input[0]
         elif node.op_type == "QuantizeLinear" and quantized:
             # Q -> DQ on float weights (fake quantization): zero the float weight itself.
@@ -229,7 +230,7 @@ def _quant_params(index: GraphIndex, node: onnx.NodeProto, stored: StoredTensor)
 
 def _layout(op_type: str, node: onnx.NodeProto, ndim: int) -> str | None:
     if op_type == "Gemm":
-        return "OI" if _attr(node, "transB", 0) else "IO"
+        return "OI" if node_attribute(node, "transB", 0) else "IO"
     if op_type == "MatMul":
         return "IO"
     spatial = _SPATIAL_LETTERS.get(ndim - 2, "K" * (ndim - 2))
@@ -266,7 +267,7 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
             reason = _quant_params(index, node, stored)
         shape = tuple(stored.values.shape) if stored is not None else ()
         layout = _layout(op, node, len(shape)) if shape else ""
-        groups = int(_attr(node, "group", 1))  # type: ignore[arg-type]
+        groups = int(node_attribute(node, "group", 1))  # type: ignore[arg-type]
         key = stored.name if stored is not None else f"<{index.names[i]}>"
         users[key].add(i)
         paths[key].update(path)

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from timing import best_of
 
 import gpp_onnx
 from vta_backend import VTAConfig
@@ -62,15 +62,6 @@ def pruned_weights(rng: np.random.Generator, sparsity: float) -> tuple[list[np.n
     ]
 
 
-def best_time(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def measure(sparsity: float, batch: int, interpreter_batch: int, repeat: int, config: VTAConfig) -> dict:
     rng = np.random.default_rng(0)
     weights, kept = pruned_weights(rng, sparsity)
@@ -88,10 +79,10 @@ def measure(sparsity: float, batch: int, interpreter_batch: int, repeat: int, co
         conv_graph(weights, batch).SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
     session.run(None, inputs_f)  # warm-up
-    t_ort = best_time(lambda: session.run(None, inputs_f), repeat)
-    t_fast = best_time(lambda: [layer.run_packed(x, "fast") for layer, x in zip(layers, inputs_q)], repeat)
+    t_ort = best_of(repeat, lambda: session.run(None, inputs_f))
+    t_fast = best_of(repeat, lambda: [layer.run_packed(x, "fast") for layer, x in zip(layers, inputs_q)])
     small = [x[:interpreter_batch] for x in inputs_q]
-    t_isa = best_time(lambda: [layer.run_packed(x, "isa") for layer, x in zip(layers, small)], 1)
+    t_isa = best_of(1, lambda: [layer.run_packed(x, "isa") for layer, x in zip(layers, small)])
     stats = [layer.stats() for layer in layers]
     cycles = sum(s.timing.cycles for s in stats)
     dense = sum(s.dense_cycles for s in stats)

@@ -17,7 +17,7 @@ import onnx
 
 from gpp_onnx.annotation import read_annotation, validate_annotation
 from gpp_onnx.errors import UserError
-from gpp_onnx.weights import GraphIndex, find_layers
+from gpp_onnx.weights import GraphIndex, find_layers, node_attribute
 from vta_backend.config import VTAConfig
 from vta_backend.quant import QuantConv, quantize, shift_for
 
@@ -33,13 +33,6 @@ class ConvSite:
     conv: QuantConv | None
     in_shape: tuple[int, int, int] | None
     reason: str | None = None
-
-
-def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
-    for attr in node.attribute:
-        if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
-    return default
 
 
 def static_shapes(model: onnx.ModelProto, input_shape: tuple[int, ...] | None) -> dict[str, tuple[int, ...]]:
@@ -131,8 +124,8 @@ def extract_convs(
                 continue
             bias_scale = np.exp2(s_in + s_w.astype(np.float64))
             bias = np.clip(np.round(b.astype(np.float64) * bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
-        pads = list(_attr(node, "pads", [0, 0, 0, 0]))  # type: ignore[arg-type]
-        if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        pads = list(node_attribute(node, "pads", [0, 0, 0, 0]))  # type: ignore[arg-type]
+        if node_attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
             site.reason = "auto_pad is not supported; export with explicit pads"
             continue
         entry = annotation.for_weight(layer.weight) if annotation else None
@@ -140,10 +133,10 @@ def extract_convs(
         site.conv = QuantConv(
             name=name,
             weight=q,
-            stride=tuple(_attr(node, "strides", [1, 1])),  # type: ignore[arg-type]
+            stride=tuple(node_attribute(node, "strides", [1, 1])),  # type: ignore[arg-type]
             pads=(pads[0], pads[1], pads[2], pads[3]),
-            dilation=tuple(_attr(node, "dilations", [1, 1])),  # type: ignore[arg-type]
-            groups=int(_attr(node, "group", 1)),  # type: ignore[arg-type]
+            dilation=tuple(node_attribute(node, "dilations", [1, 1])),  # type: ignore[arg-type]
+            groups=int(node_attribute(node, "group", 1)),  # type: ignore[arg-type]
             bias=bias,
             shift=requant.astype(np.int64) if per_channel else int(requant),
             relu=relu is not None,
