@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from gpp_onnx.annotation import read_annotation, validate_annotation
 from gpp_onnx.errors import UserError
@@ -29,20 +30,24 @@ class ConvSite:
     """One Conv node: the VTA conv it becomes, or why it stays off VTA."""
 
     node: str
-    output: str
+    input: str
+    output: str  # the fused Relu's output when there is one
     conv: QuantConv | None
     in_shape: tuple[int, int, int] | None
     reason: str | None = None
+    input_shift: int = 0  # power-of-two scales of the int8 input and output activations
+    output_shift: int = 0
+    replaced: tuple[str, ...] = ()  # names of the nodes the VTA conv stands for (Conv, fused Relu)
 
 
-def static_shapes(model: onnx.ModelProto, input_shape: tuple[int, ...] | None) -> dict[str, tuple[int, ...]]:
-    """Shapes of every tensor after fixing the model input's shape (batch 1 by default)."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    initializers = {t.name for t in fixed.graph.initializer}
-    inputs = [i for i in fixed.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise UserError(f"the model has {len(inputs)} inputs; VTA compilation expects one image input")
+def static_shapes(model: onnx.ModelProto, input_shape: tuple[int, ...] | None,
+                  needed: list[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the ``needed`` tensors for the model input's shape (batch 1 by default).
+
+    ONNX shape inference first; tensors it leaves unknown (e.g. after a Pad whose pads are
+    computed) are measured by running the model once on zeros in ONNX Runtime.
+    """
+    inputs = _image_inputs(model)
     dims = inputs[0].type.tensor_type.shape.dim
     if input_shape is None:
         input_shape = tuple(1 if i == 0 else d.dim_value for i, d in enumerate(dims))
@@ -50,7 +55,9 @@ def static_shapes(model: onnx.ModelProto, input_shape: tuple[int, ...] | None) -
             raise UserError(f"input '{inputs[0].name}' has no fixed shape; pass --input-shape, e.g. 1x3x32x32")
     if len(input_shape) != len(dims):
         raise UserError(f"--input-shape has {len(input_shape)} dimensions, the model input has {len(dims)}")
-    for d, v in zip(dims, input_shape):
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for d, v in zip(_image_inputs(fixed)[0].type.tensor_type.shape.dim, input_shape):
         d.Clear()
         d.dim_value = v
     del fixed.graph.value_info[:]
@@ -60,7 +67,29 @@ def static_shapes(model: onnx.ModelProto, input_shape: tuple[int, ...] | None) -
         tensor_dims = info.type.tensor_type.shape.dim
         if tensor_dims and all(d.HasField("dim_value") for d in tensor_dims):
             shapes[info.name] = tuple(d.dim_value for d in tensor_dims)
+    unknown = [name for name in dict.fromkeys(needed) if name not in shapes]
+    if unknown:
+        shapes.update(_measured_shapes(fixed, inputs[0].name, input_shape, unknown))
     return shapes
+
+
+def _image_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise UserError(f"the model has {len(inputs)} inputs; VTA compilation expects one image input")
+    return inputs
+
+
+def _measured_shapes(model: onnx.ModelProto, input_name: str, input_shape: tuple[int, ...],
+                     names: list[str]) -> dict[str, tuple[int, ...]]:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {input_name: np.zeros(input_shape, np.float32)})
+    return {name: tuple(out.shape) for name, out in zip(names, outputs)}
 
 
 def extract_convs(
@@ -84,17 +113,19 @@ def extract_convs(
                 f"the model was pruned for {annotation.tile} tiles but the VTA config has "
                 f"{config.BLOCK_OUT}x{config.BLOCK_IN}; prune again with --tile matching the config"
             )
-    shapes = static_shapes(model, input_shape)
+    conv_inputs = [n.input[0] for n in model.graph.node if n.op_type == "Conv" and n.domain in ("", "ai.onnx")]
+    shapes = static_shapes(model, input_shape, conv_inputs)
     index = GraphIndex(model.graph)
     layers = {name: layer for layer in find_layers(model) for name in layer.nodes}
     shifts = dict(activation_shifts or {})
+    graph_inputs = {i.name for i in model.graph.input}
     sites = []
     for i, node in enumerate(model.graph.node):
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
             continue
         name = index.names[i]
         layer = layers.get(name)
-        site = ConvSite(name, node.output[0], None, None)
+        site = ConvSite(name, node.input[0], node.output[0], None, None, replaced=(name,))
         sites.append(site)
         if layer is None or layer.stored is None or layer.skip_reason:
             site.reason = layer.skip_reason if layer and layer.skip_reason else "weight is not a constant"
@@ -108,6 +139,10 @@ def extract_convs(
         in_shape = shapes.get(node.input[0])
         if in_shape is None or len(in_shape) != 4:
             site.reason = "input shape unknown after shape inference"
+            continue
+        if node.input[0] in graph_inputs and in_shape[1] < config.BLOCK_IN:
+            site.reason = (f"first conv with {in_shape[1]} input channels: stays on the CPU, as TVM keeps it "
+                           f"(VTA would pad them to {config.BLOCK_IN})")
             continue
         relu = _fused_relu(index, node)
         s_in = shifts.get(node.input[0], default_shift)
@@ -143,8 +178,10 @@ def extract_convs(
             kept=None if entry is None else entry.kept,
         )
         site.in_shape = (in_shape[1], in_shape[2], in_shape[3])
+        site.input_shift, site.output_shift = int(s_in), int(s_out)
         if relu is not None:
             site.output = relu
+            site.replaced = (name, index.names[index.consumers[node.output[0]][0]])
     return sites
 
 

@@ -139,7 +139,9 @@ def requantize(
     np.add(flat, bias_row, out=flat)  # wraps at 32 bits
     if (shift_row == shift_row.flat[0]).all() and shift_row.flat[0] >= 0:
         np.right_shift(flat, int(shift_row.flat[0]), out=flat)  # arithmetic shift of signed integers
-    else:
+    elif (shift_row >= 0).all():
+        np.right_shift(flat, shift_row, out=flat)
+    else:  # negative amounts shift left
         flat[...] = np.where(shift_row >= 0, flat >> np.maximum(shift_row, 0), flat << np.maximum(-shift_row, 0))
     np.clip(acc, 0 if relu else -QMAX, QMAX, out=acc)
     return acc.astype(np.int8)

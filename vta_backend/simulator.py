@@ -29,6 +29,7 @@ from vta_backend.isa import AluInsn, AluOp, GemmInsn, MemInsn, MemType, Opcode, 
 from vta_backend.quant import requantize
 
 _POOL = ThreadPoolExecutor(max_workers=2)
+IMAGES_PER_TASK = 64
 EXACT_INT32_TILES = 1024  # 1024 tiles * 16 products * 255 * 128 < 2**31
 
 
@@ -237,8 +238,8 @@ def run_fast(program: Program, packed: np.ndarray) -> np.ndarray:
     items. Output-channel tiles with the same kept set share those columns; each set
     multiplies them with its kept weight tiles in ONNX Runtime's integer GEMM (exact int32
     accumulation) and is requantized exactly as VTA's ALU does. Pruned tiles are neither
-    gathered nor multiplied. The sets (or, for one set, the two halves of the batch) run on
-    two threads.
+    gathered nor multiplied. The work runs on two threads, in tasks of one set and at most
+    ``IMAGES_PER_TASK`` images (so the gathered columns stay in cache).
     """
     g, c = program.geometry, program.config
     batch = packed.shape[0]
@@ -260,7 +261,7 @@ def run_fast(program: Program, packed: np.ndarray) -> np.ndarray:
             out[images, ot] = result[:, :, :, j]
 
     groups = program.tile_groups
-    halves = 2 if len(groups) == 1 and batch > 1 else 1
-    bounds = np.linspace(0, batch, halves + 1).astype(int)
+    chunks = max(-(-batch // IMAGES_PER_TASK), 2 if len(groups) == 1 and batch > 1 else 1)
+    bounds = np.linspace(0, batch, chunks + 1).astype(int)
     list(_POOL.map(run, [(group, slice(a, b)) for group in groups for a, b in zip(bounds[:-1], bounds[1:])]))
     return out
