@@ -66,7 +66,11 @@ class ResNet20(nn.Module):
         self.bn1 = nn.BatchNorm2d(16)
         stages, in_planes = [], 16
         for planes, stride in ((16, 1), (32, 2), (64, 2)):
-            blocks = [BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1), BasicBlock(planes, planes, 1)]
+            blocks = [
+                BasicBlock(in_planes, planes, stride),
+                BasicBlock(planes, planes, 1),
+                BasicBlock(planes, planes, 1),
+            ]
             stages.append(nn.Sequential(*blocks))
             in_planes = planes
         self.layer1, self.layer2, self.layer3 = stages
@@ -109,8 +113,14 @@ def export(model: ResNet20, output: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "resnet20.onnx"
         torch.onnx.export(
-            model, (torch.zeros(1, 3, 32, 32),), raw, input_names=["input"], output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+            model,
+            (torch.zeros(1, 3, 32, 32),),
+            raw,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
         )
         onnx_model = onnx.load(raw)
     write_normalization(onnx_model, MEAN, STD)

@@ -183,7 +183,12 @@ def load_vta_config(path: Path | None, board: str | None):
 def print_vta_summary(summary: dict, title: str) -> None:
     table = Table(title=title, title_justify="left")
     for column in ("layer", "cycles", "limited by", "GEMM uops", "skipped", "tiles kept", "speedup", "Amdahl bound"):
-        table.add_column(column, justify="left" if column in ("layer", "limited by") else "right")
+        table.add_column(
+            column,
+            justify="left" if column in ("layer", "limited by") else "right",
+            overflow="fold",
+            min_width=12 if column == "layer" else None,
+        )
     for row in summary["layers"]:
         table.add_row(
             row["name"],
@@ -250,6 +255,128 @@ def compile_command(
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     else:
         print_vta_summary(summary, f"{model} -> {output}/ (VTA programs; cycles simulated)")
+
+
+def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{option} {text!r} is not three numbers separated by commas, e.g. 0.485,0.456,0.406") from None
+    if len(values) != 3:
+        raise UserError(f"{option} takes three values (one per channel), got {len(values)}")
+    return values
+
+
+def print_run(result: dict) -> None:
+    table = Table(
+        title=f"{result['model']} on {result['images']:,} {result['split']} images ({result['data']})",
+        title_justify="left",
+    )
+    for column in ("backend", "top-1 accuracy", "images/s (host)"):
+        table.add_column(column, justify="left" if column == "backend" else "right")
+    label = "VTA (int8, simulator)" if result["backend"] == "vta" else "ONNX Runtime fp32"
+    table.add_row(label, f"{result['accuracy']:.2%}", f"{result['images_per_second']:,.0f}")
+    if "reference" in result:
+        ref = result["reference"]
+        table.add_row("ONNX Runtime fp32 (same model)", f"{ref['accuracy']:.2%}", f"{ref['images_per_second']:,.0f}")
+    if "baseline" in result:
+        base = result["baseline"]
+        table.add_row(
+            f"baseline {base['model']} (ORT fp32)", f"{base['accuracy']:.2%}", f"{base['images_per_second']:,.0f}"
+        )
+    stdout.print(table)
+    if "vta" in result:
+        diff = result["logit_difference"]
+        stdout.print(
+            f"top-1 agreement with ONNX Runtime fp32: {result['agreement']:.2%}; logit difference "
+            f"max {diff['max']:.3f}, mean {diff['mean']:.4f}; calibration: {result['calibration']['method']} "
+            f"on {result['calibration']['images']} train images"
+            + (" (cached)" if result["calibration"]["cached"] else "")
+        )
+        vta = dict(
+            result["vta"],
+            simulated_ms=result["vta"]["simulated_ms_per_image"],
+            not_on_vta=[p for p in result["vta"]["placement"] if p["device"] != "vta"],
+        )
+        print_vta_summary(vta, "VTA per layer (cycles simulated, one image)")
+
+
+@app.command()
+@user_errors
+def run(
+    model: ModelArg,
+    backend: Annotated[str, typer.Option("--backend", "-b", help="vta (convs on the VTA simulator) or ort.")] = "vta",
+    data_dir: Annotated[
+        Optional[Path], typer.Option("--data", help="CIFAR-10 folder [default: $GPP_DATA_DIR/cifar10-jpeg].")
+    ] = None,
+    split: Annotated[str, typer.Option("--split", help="test or train.")] = "test",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Use the first N images only.")] = None,
+    batch: Annotated[int, typer.Option("--batch", help="Images per batch.")] = 256,
+    mean: Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean [default: model metadata].")] = None,
+    std: Annotated[Optional[str], typer.Option("--std", help="Per-channel std [default: model metadata].")] = None,
+    calibration_method: Annotated[
+        str, typer.Option("--calibration-method", help="percentile, entropy or minmax.")
+    ] = "percentile",
+    calibration_images: Annotated[
+        int, typer.Option("--calibration-images", help="Train images to calibrate on.")
+    ] = 1000,
+    per_tensor: Annotated[
+        bool, typer.Option("--per-tensor", help="One weight scale per conv (default: per channel).")
+    ] = False,
+    baseline: Annotated[
+        Optional[Path], typer.Option("--baseline", help="Also run this (unpruned) model on ORT.")
+    ] = None,
+    max_drop: Annotated[
+        Optional[float], typer.Option("--max-drop", help="Exit 1 if accuracy is more than POINTS below the reference.")
+    ] = None,
+    vta_config: Annotated[Optional[Path], typer.Option("--vta-config", help="VTA config JSON.")] = None,
+    board: Annotated[Optional[str], typer.Option("--board", help="pynq, de10nano, ultra96 or zcu104.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Top-1 accuracy on CIFAR-10 with ONNX Runtime, or with the convs on the VTA simulator (checked against ORT)."""
+    import os
+
+    from gpp_onnx.evaluate import RunOptions, evaluate
+
+    if data_dir is None:
+        if not os.environ.get("GPP_DATA_DIR"):
+            raise UserError("pass --data DIR (a CIFAR-10 folder) or set GPP_DATA_DIR")
+        data_dir = Path(os.environ["GPP_DATA_DIR"]) / "cifar10-jpeg"
+    if split not in ("test", "train"):
+        raise UserError(f"unknown split {split!r}; use test or train")
+    if max_drop is not None and backend != "vta" and baseline is None:
+        raise UserError("--max-drop compares against a reference: use --backend vta, or pass --baseline")
+    options = RunOptions(
+        backend=backend,
+        split=split,
+        limit=limit,
+        batch=batch,
+        mean=parse_floats(mean, "--mean"),
+        std=parse_floats(std, "--std"),
+        calibration_method=calibration_method,
+        calibration_images=calibration_images,
+        per_channel=not per_tensor,
+        baseline=baseline,
+        vta_config=load_vta_config(vta_config, board) if backend == "vta" else None,
+    )
+    check_input_path(model)
+    result = evaluate(model, data_dir, options, track=progress)
+    reference = result.get("reference", result.get("baseline"))
+    drop = None if reference is None else (reference["accuracy"] - result["accuracy"]) * 100
+    result["accuracy_drop_points"] = drop
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        print_run(result)
+    if max_drop is not None and drop is not None and drop > max_drop:
+        stderr.print(
+            f"accuracy is {drop:.2f} points below the reference, more than --max-drop {max_drop}",
+            markup=False,
+            highlight=False,
+        )
+        raise typer.Exit(1)
 
 
 @app.command()

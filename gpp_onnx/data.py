@@ -43,8 +43,11 @@ class Dataset:
     root: Path
 
     def describe(self) -> str:
-        return {"pickle": "CIFAR-10 python pickle release", "binary": "CIFAR-10 binary release",
-                "folder": "image folders"}[self.layout] + f" at {self.root}"
+        return {
+            "pickle": "CIFAR-10 python pickle release",
+            "binary": "CIFAR-10 binary release",
+            "folder": "image folders",
+        }[self.layout] + f" at {self.root}"
 
 
 def _split_files(root: Path, split: str, suffix: str) -> list[Path]:
@@ -120,7 +123,9 @@ def _decode(file: Path) -> np.ndarray:
         raise UserError(f"{file} is not a readable image ({exc})") from None
 
 
-def iter_uint8(dataset: Dataset, split: str, batch: int, limit: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def iter_uint8(
+    dataset: Dataset, split: str, batch: int, limit: int | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Batches of ``(uint8 [B, 3, H, W] images, int64 labels)`` of a split, in a fixed order."""
     if batch < 1:
         raise UserError(f"batch size {batch} is below 1; pass --batch 1 or more")
@@ -128,7 +133,7 @@ def iter_uint8(dataset: Dataset, split: str, batch: int, limit: int | None = Non
     if dataset.layout == "folder":
         files = _folder_files(dataset.root, split)[:limit]
         for start in range(0, len(files), batch):
-            chunk = files[start:start + batch]
+            chunk = files[start : start + batch]
             yield np.stack([_decode(f) for f, _ in chunk]), np.array([label for _, label in chunk], np.int64)
         return
     suffix, loader = ("", _load_pickle) if dataset.layout == "pickle" else (".bin", _load_binary)
@@ -141,7 +146,7 @@ def iter_uint8(dataset: Dataset, split: str, batch: int, limit: int | None = Non
             images, labels = images[:remaining], labels[:remaining]
             remaining -= len(labels)
         for start in range(0, len(labels), batch):
-            yield images[start:start + batch], labels[start:start + batch]
+            yield images[start : start + batch], labels[start : start + batch]
         if remaining is not None and remaining <= 0:
             return
 

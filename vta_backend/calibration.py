@@ -26,8 +26,11 @@ from gpp_onnx import data
 from gpp_onnx.errors import UserError
 from vta_backend.quant import shift_for
 
-METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-           "entropy": CalibrationMethod.Entropy}
+METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "percentile": CalibrationMethod.Percentile,
+    "entropy": CalibrationMethod.Entropy,
+}
 CACHE_VERSION = 1
 
 
@@ -47,8 +50,15 @@ def cache_path(model_path: Path) -> Path:
 
 def _cache_key(model_path: Path, method: str, images: int, mean: tuple, std: tuple, dataset: data.Dataset) -> dict:
     digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
-    return {"version": CACHE_VERSION, "model_sha256": digest, "method": method, "images": images,
-            "mean": list(mean), "std": list(std), "data": dataset.describe()}
+    return {
+        "version": CACHE_VERSION,
+        "model_sha256": digest,
+        "method": method,
+        "images": images,
+        "mean": list(mean),
+        "std": list(std),
+        "data": dataset.describe(),
+    }
 
 
 def calibrate(
@@ -71,23 +81,28 @@ def calibrate(
     cached = _read_cache(model_path, key)
     if cached is not None:
         return cached, True
-    batches = (data.normalize(x, mean, std) for x, _ in
-               track(data.iter_uint8(dataset, "train", batch, images), "calibrating", -(-images // batch)))
+    batches = (
+        data.normalize(x, mean, std)
+        for x, _ in track(data.iter_uint8(dataset, "train", batch, images), "calibrating", -(-images // batch))
+    )
     with tempfile.TemporaryDirectory() as tmp:
         calibrator = create_calibrator(
-            model_path, op_types_to_calibrate=["Conv", "Relu", "Add"],
-            augmented_model_path=str(Path(tmp) / "augmented.onnx"), calibrate_method=METHODS[method],
+            model_path,
+            op_types_to_calibrate=["Conv", "Relu", "Add"],
+            augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=METHODS[method],
             extra_options={"percentile": 99.999, "num_bins": 2048} if method == "percentile" else {},
         )
-        calibrator.collect_data(_Reader(input_name, batches))
         with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print progress lines
+            calibrator.collect_data(_Reader(input_name, batches))
             ranges = calibrator.compute_data()
         histograms = getattr(getattr(calibrator, "collector", None), "histogram_dict", None) or {}
         shifts = {}
         for name, tensor_data in ranges.data.items():
             low, high = (np.asarray(v, np.float64) for v in tensor_data.range_value)
-            shifts[name] = power_of_two_shift(max(float(np.abs(low).max()), float(np.abs(high).max())),
-                                              histograms.get(name))
+            shifts[name] = power_of_two_shift(
+                max(float(np.abs(low).max()), float(np.abs(high).max())), histograms.get(name)
+            )
     _write_cache(model_path, key, shifts)
     return shifts, False
 

@@ -40,8 +40,9 @@ class ConvSite:
     replaced: tuple[str, ...] = ()  # names of the nodes the VTA conv stands for (Conv, fused Relu)
 
 
-def static_shapes(model: onnx.ModelProto, input_shape: tuple[int, ...] | None,
-                  needed: list[str]) -> dict[str, tuple[int, ...]]:
+def static_shapes(
+    model: onnx.ModelProto, input_shape: tuple[int, ...] | None, needed: list[str]
+) -> dict[str, tuple[int, ...]]:
     """Shapes of the ``needed`` tensors for the model input's shape (batch 1 by default).
 
     ONNX shape inference first; tensors it leaves unknown (e.g. after a Pad whose pads are
@@ -81,8 +82,9 @@ def _image_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return inputs
 
 
-def _measured_shapes(model: onnx.ModelProto, input_name: str, input_shape: tuple[int, ...],
-                     names: list[str]) -> dict[str, tuple[int, ...]]:
+def _measured_shapes(
+    model: onnx.ModelProto, input_name: str, input_shape: tuple[int, ...], names: list[str]
+) -> dict[str, tuple[int, ...]]:
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.output[:]
@@ -141,8 +143,10 @@ def extract_convs(
             site.reason = "input shape unknown after shape inference"
             continue
         if node.input[0] in graph_inputs and in_shape[1] < config.BLOCK_IN:
-            site.reason = (f"first conv with {in_shape[1]} input channels: stays on the CPU, as TVM keeps it "
-                           f"(VTA would pad them to {config.BLOCK_IN})")
+            site.reason = (
+                f"first conv with {in_shape[1]} input channels: stays on the CPU, as TVM keeps it "
+                f"(VTA would pad them to {config.BLOCK_IN})"
+            )
             continue
         relu = _fused_relu(index, node)
         s_in = shifts.get(node.input[0], default_shift)

@@ -40,8 +40,10 @@ class VtaKernel:
         per_group = q.shape[1] // conv.groups
         block_in = self.layer.config.BLOCK_IN
         outputs = [
-            unpack_activations(self.layer.run_packed(pack_activations(q[:, g * per_group:(g + 1) * per_group], block_in),
-                                                     "fast", g), program.geometry.out_channels)
+            unpack_activations(
+                self.layer.run_packed(pack_activations(q[:, g * per_group : (g + 1) * per_group], block_in), "fast", g),
+                program.geometry.out_channels,
+            )
             for g, program in enumerate(self.layer.programs)
         ]
         out = (outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=1)).astype(np.float32)
@@ -71,12 +73,19 @@ def unregister(keys: list[str]) -> None:
         _KERNELS.pop(key, None)
 
 
-@onnx_op(op_type=OP_TYPE, domain=DOMAIN, inputs=[PyCustomOpDef.dt_float], outputs=[PyCustomOpDef.dt_float],
-         attrs={"key": PyCustomOpDef.dt_string})
+@onnx_op(
+    op_type=OP_TYPE,
+    domain=DOMAIN,
+    inputs=[PyCustomOpDef.dt_float],
+    outputs=[PyCustomOpDef.dt_float],
+    attrs={"key": PyCustomOpDef.dt_string},
+)
 def _vta_conv(x: np.ndarray, key: str) -> np.ndarray:
     kernel = _KERNELS.get(key)
     if kernel is None:
-        raise RuntimeError(f"VtaConv kernel {key!r} is not registered in this process; build the session with VtaSession")
+        raise RuntimeError(
+            f"VtaConv kernel {key!r} is not registered in this process; build the session with VtaSession"
+        )
     return kernel(x)
 
 

@@ -45,8 +45,11 @@ def rewrite(model: onnx.ModelProto, compiled: CompiledModel, prefix: str) -> tup
         key = f"{prefix}:{name}"
         ort_op.register(key, ort_op.VtaKernel(compiled.layers[name], site.input_shift, site.output_shift))
         keys.append(key)
-        nodes.append(helper.make_node(ort_op.OP_TYPE, [site.input], [site.output], name=f"{name}/vta",
-                                      domain=ort_op.DOMAIN, key=key))
+        nodes.append(
+            helper.make_node(
+                ort_op.OP_TYPE, [site.input], [site.output], name=f"{name}/vta", domain=ort_op.DOMAIN, key=key
+            )
+        )
     del rewritten.graph.node[:]
     rewritten.graph.node.extend(nodes)
     if not any(o.domain == ort_op.DOMAIN for o in rewritten.opset_import):
@@ -73,13 +76,13 @@ class VtaSession:
         missing = _uncalibrated(loaded.model, activation_shifts)
         if missing:
             raise UserError(f"no activation scale for tensor(s) {', '.join(missing[:3])}; calibrate the model first")
-        self.compiled = compile_model(loaded.model, self.config, activation_shifts=activation_shifts,
-                                      per_channel=per_channel)
+        self.compiled = compile_model(
+            loaded.model, self.config, activation_shifts=activation_shifts, per_channel=per_channel
+        )
         rewritten, self._keys = rewrite(loaded.model, self.compiled, f"s{next(_SESSION_IDS)}")
         options = ort.SessionOptions()
         options.register_custom_ops_library(ort_op.LIBRARY_PATH)
-        self._session = ort.InferenceSession(rewritten.SerializeToString(), options,
-                                             providers=["CPUExecutionProvider"])
+        self._session = ort.InferenceSession(rewritten.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray], run_options=None) -> list:
         return self._session.run(output_names, feeds, run_options)

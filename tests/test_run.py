@@ -1,0 +1,208 @@
+"""`gpp-onnx run` and VtaSession: ONNX Runtime with the convs on the VTA simulator, checked against ORT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from test_cli import run_cli
+from test_data import write_binary, write_folders, write_pickle
+
+import gpp_onnx
+from gpp_onnx import data
+from gpp_onnx.normalization import write_normalization
+from vta_backend.calibration import cache_path, calibrate
+from vta_backend.session import VtaSession
+
+
+def tiny_cnn(seed: int = 0) -> onnx.ModelProto:
+    """conv 3->16 (stays on the CPU), two 3x3 convs with bias and Relu on VTA, a residual Add, GAP, FC."""
+    rng = np.random.default_rng(seed)
+
+    def he(*shape):
+        return (rng.standard_normal(shape) * np.sqrt(2 / np.prod(shape[1:]))).astype(np.float32)
+
+    inits = [
+        numpy_helper.from_array(a, n)
+        for a, n in [
+            (he(16, 3, 3, 3), "w0"),
+            (he(32, 16, 3, 3), "w1"),
+            (rng.standard_normal(32).astype(np.float32) * 0.1, "b1"),
+            (he(32, 32, 3, 3), "w2"),
+            (he(10, 32), "fc"),
+        ]
+    ]
+    nodes = [
+        helper.make_node("Conv", ["input", "w0"], ["c0"], name="conv0", pads=[1] * 4),
+        helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+        helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4, strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1] * 4),
+        helper.make_node("Add", ["c2", "r1"], ["a2"], name="add2"),
+        helper.make_node("Relu", ["a2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    write_normalization(model, data.IMAGENET_MEAN, data.IMAGENET_STD)
+    return model
+
+
+@pytest.fixture
+def model_path(tmp_path) -> Path:
+    path = tmp_path / "tiny.onnx"
+    onnx.save(tiny_cnn(), path)
+    return path
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    return write_pickle(tmp_path / "cifar", str_keys=False)
+
+
+def test_vta_session_behaves_like_an_inference_session(model_path, data_dir):
+    dataset = data.locate(data_dir)
+    shifts, cached = calibrate(model_path, "input", dataset, data.IMAGENET_MEAN, data.IMAGENET_STD, "minmax", 25)
+    assert not cached and cache_path(model_path).exists()
+    session = VtaSession(model_path, shifts)
+    reference = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input"]
+    x = data.normalize(next(data.iter_uint8(dataset, "test", 25))[0], data.IMAGENET_MEAN, data.IMAGENET_STD)
+    logits = session.run(None, {"input": x})[0]
+    expected = reference.run(None, {"input": x})[0]
+    assert logits.shape == expected.shape == (25, 10)
+    # int8 with power-of-two scales: close to fp32, not equal
+    assert 0 < np.abs(logits - expected).max() < 0.1 * np.abs(expected).max()
+    report = session.report()
+    placement = {p["node"]: p for p in report["placement"]}
+    assert placement["conv0"]["device"] == "cpu" and "first conv" in placement["conv0"]["reason"]
+    assert placement["conv1"]["device"] == placement["conv2"]["device"] == "vta"
+    assert report["simulated"] and report["cycles"] > 0
+    session.close()
+
+
+def test_calibration_is_cached_by_content(model_path, data_dir):
+    dataset = data.locate(data_dir)
+    first, _ = calibrate(model_path, "input", dataset, data.IMAGENET_MEAN, data.IMAGENET_STD, "percentile", 20)
+    again, cached = calibrate(model_path, "input", dataset, data.IMAGENET_MEAN, data.IMAGENET_STD, "percentile", 20)
+    assert cached and again == first
+    onnx.save(tiny_cnn(seed=1), model_path)  # new weights: the cache no longer applies
+    _, cached = calibrate(model_path, "input", dataset, data.IMAGENET_MEAN, data.IMAGENET_STD, "percentile", 20)
+    assert not cached
+
+
+def test_run_json_vta(capsys, model_path, data_dir):
+    code, stdout, _ = run_cli(
+        capsys,
+        "run",
+        str(model_path),
+        "--backend",
+        "vta",
+        "--data",
+        str(data_dir),
+        "--batch",
+        "8",
+        "--calibration-images",
+        "20",
+        "--json",
+    )
+    assert code == 0
+    result = json.loads(stdout)
+    assert result["backend"] == "vta" and result["images"] == 25 and 0 <= result["accuracy"] <= 1
+    assert {"accuracy", "images_per_second"} <= set(result["reference"])
+    assert 0.5 <= result["agreement"] <= 1
+    assert {"cycles", "gemm_uops", "gemm_uops_skipped", "simulated_ms_per_image", "layers"} <= set(result["vta"])
+    assert [layer["name"] for layer in result["vta"]["layers"]] == ["conv1", "conv2"]
+
+
+def test_run_on_a_pruned_model_skips_tiles(capsys, model_path, data_dir, tmp_path):
+    pruned, _ = gpp_onnx.prune(model_path, 0.5)
+    pruned_path = tmp_path / "pruned.onnx"
+    onnx.save(pruned, pruned_path)
+    code, stdout, _ = run_cli(
+        capsys, "run", str(pruned_path), "--data", str(data_dir), "--calibration-images", "20", "--json"
+    )
+    result = json.loads(stdout)
+    assert code == 0 and result["vta"]["gemm_uops_skipped"] > 0 and result["vta"]["speedup"] > 1
+
+
+def test_ort_accuracy_is_the_same_in_every_layout(capsys, model_path, tmp_path):
+    accuracies = []
+    for folder in (write_pickle(tmp_path / "p", True), write_binary(tmp_path / "b"), write_folders(tmp_path / "f")):
+        code, stdout, _ = run_cli(capsys, "run", str(model_path), "--backend", "ort", "--data", str(folder), "--json")
+        assert code == 0
+        accuracies.append(json.loads(stdout)["accuracy"])
+    assert accuracies[0] == accuracies[1] == accuracies[2]
+
+
+def test_max_drop_gates_the_exit_status(capsys, model_path, data_dir):
+    args = ["run", str(model_path), "--backend", "ort", "--data", str(data_dir), "--baseline", str(model_path)]
+    assert run_cli(capsys, *args, "--max-drop", "0")[0] == 0
+    code, _, stderr = run_cli(capsys, *args, "--max-drop", "-1")
+    assert code == 1 and "below the reference" in stderr
+
+
+def not_an_image_model(tmp_path: Path) -> Path:
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+    )
+    path = tmp_path / "vector.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    return path
+
+
+def lying_annotation(tmp_path: Path, model_path: Path) -> Path:
+    pruned, _ = gpp_onnx.prune(model_path, 0.5)
+    w = numpy_helper.to_array(pruned.graph.initializer[1]).copy()
+    w[w == 0] = 1.0
+    pruned.graph.initializer[1].CopyFrom(numpy_helper.from_array(w, "w1"))
+    path = tmp_path / "lying.onnx"
+    onnx.save(pruned, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("missing data", "does not exist"),
+        ("wrong data", "accepted layouts"),
+        ("not an image model", "is not an image tensor"),
+        ("annotation mismatch", "marked pruned hold nonzero"),
+        ("unknown backend", "unknown backend 'tpu'"),
+        ("batch 0", "batch size 0 is below 1"),
+    ],
+)
+def test_run_bad_input(capsys, model_path, data_dir, tmp_path, case, expected):
+    model, folder, extra = model_path, data_dir, []
+    if case == "missing data":
+        folder = tmp_path / "nowhere"
+    elif case == "wrong data":
+        folder = tmp_path / "empty"
+        folder.mkdir()
+    elif case == "not an image model":
+        model = not_an_image_model(tmp_path)
+    elif case == "annotation mismatch":
+        model = lying_annotation(tmp_path, model_path)
+    elif case == "unknown backend":
+        extra = ["--backend", "tpu"]
+    else:
+        extra = ["--batch", "0"]
+    code, stdout, stderr = run_cli(capsys, "run", str(model), "--data", str(folder), *extra)
+    assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert expected in stderr and "Traceback" not in stdout + stderr
