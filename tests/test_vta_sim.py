@@ -15,8 +15,8 @@ from vta_backend.quant import QuantConv
 CONFIG = VTAConfig()
 
 
-def reference_conv(conv: QuantConv, x: np.ndarray) -> np.ndarray:
-    """int64 accumulation, then 32-bit wrap, bias, rounding shift and clip - written out plainly."""
+def reference_conv(conv: QuantConv, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+    """int64 accumulation, then 32-bit wrap, residual, bias, rounding shift and clip - written out plainly."""
     b, c, h, w = x.shape
     top, left, bottom, right = conv.pads
     xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (top, bottom), (left, right)))
@@ -38,6 +38,11 @@ def reference_conv(conv: QuantConv, x: np.ndarray) -> np.ndarray:
                     "bchw,oc->bohw", window, conv.weight[g * ocg : (g + 1) * ocg, :, i, j].astype(np.int64)
                 )
     acc = ((acc + 2**31) % 2**32) - 2**31  # int32 wrap-around
+    if residual is not None:
+        align = np.broadcast_to(np.asarray(conv.residual_shift), (oc,)).astype(np.int64)[None, :, None, None]
+        r = residual.astype(np.int64)
+        acc = acc + np.where(align >= 0, r << np.maximum(align, 0), r >> np.maximum(-align, 0))
+        acc = ((acc + 2**31) % 2**32) - 2**31
     shifts = np.broadcast_to(np.asarray(conv.shift), (oc,)).astype(np.int64)
     bias = np.zeros(oc, np.int64) if conv.bias is None else conv.bias.astype(np.int64)
     rounding = np.where(shifts > 0, 2 ** np.maximum(shifts - 1, 0), 0)
@@ -79,6 +84,9 @@ def conv_cases(draw):
     per_channel = draw(st.booleans())
     shift = rng.integers(4, 14, groups * ocg) if per_channel else int(rng.integers(4, 14))
     bias = rng.integers(-5000, 5000, groups * ocg).astype(np.int32) if draw(st.booleans()) else None
+    residual_shift = None
+    if draw(st.booleans()):
+        residual_shift = rng.integers(-2, 6, groups * ocg) if per_channel else int(rng.integers(-2, 6))
     conv = QuantConv(
         "conv",
         weight,
@@ -90,35 +98,40 @@ def conv_cases(draw):
         shift=shift,
         relu=draw(st.booleans()),
         kept=kept,
+        residual_shift=residual_shift,
     )
     x = rng.integers(-127, 128, (draw(st.integers(1, 3)), groups * icg, h, w)).astype(np.int8)
-    return conv, x
+    residual = None
+    if residual_shift is not None:
+        residual = rng.integers(-128, 128, (x.shape[0], groups * ocg) + conv.out_size(h, w)).astype(np.int8)
+    return conv, x, residual
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(conv_cases())
 def test_isa_interpreter_and_fast_path_are_bit_exact(case):
-    conv, x = case
+    conv, x, residual = case
     layer = VtaConv.compile(conv, x.shape[1:], CONFIG)
-    expected = reference_conv(conv, x)
-    np.testing.assert_array_equal(layer.run(x, "isa"), expected)
-    np.testing.assert_array_equal(layer.run(x, "fast"), expected)
+    expected = reference_conv(conv, x, residual)
+    np.testing.assert_array_equal(layer.run(x, "isa", residual), expected)
+    np.testing.assert_array_equal(layer.run(x, "fast", residual), expected)
 
 
 @settings(max_examples=15, deadline=None)
 @given(conv_cases())
 def test_small_buffers_force_tiling_and_stay_exact(case):
-    conv, x = case
+    conv, x, residual = case
     small = VTAConfig(LOG_INP_BUFF_SIZE=10, LOG_WGT_BUFF_SIZE=14, LOG_ACC_BUFF_SIZE=11)  # 64 inp, 64 wgt, 32 acc
     try:
         layer = VtaConv.compile(conv, x.shape[1:], small)
     except CompileError:
         return  # some windows legitimately do not fit 64 input vectors
-    vectors_per_tile = 2 if np.ndim(conv.shift) else 1  # bias (+ per-channel shift) vectors
     for program in layer.programs:
         t = program.tiling
-        assert t.oc_block * (t.rows * t.cols + vectors_per_tile) * (2 if t.double_buffered else 1) <= small.acc_depth
-    np.testing.assert_array_equal(layer.run(x, "isa"), reference_conv(conv, x))
+        outputs = t.oc_block * t.rows * t.cols * (2 if residual is not None else 1)  # outputs (+ residual)
+        vectors = t.oc_block * (1 + (np.ndim(conv.shift) == 1) + (np.ndim(conv.residual_shift) == 1))
+        assert (outputs + vectors) * (2 if t.double_buffered else 1) <= small.acc_depth
+    np.testing.assert_array_equal(layer.run(x, "isa", residual), reference_conv(conv, x, residual))
 
 
 def test_pruned_tiles_are_neither_loaded_nor_issued():

@@ -114,6 +114,11 @@ class Program:
         return self._per_lane(self.conv.bias_with_rounding()[self.channels])
 
     @cached_property
+    def residual_shifts(self) -> np.ndarray:
+        """Power of two a fused residual is multiplied by, per output-channel tile and lane: ``[OT, BLOCK_OUT]``."""
+        return self._per_lane(self.conv.residual_shifts()[self.channels])
+
+    @cached_property
     def shifts(self) -> np.ndarray:
         """Requantization shift per output-channel tile and lane: ``[OT, BLOCK_OUT]``."""
         return self._per_lane(self.conv.shifts()[self.channels])
@@ -144,6 +149,35 @@ class Program:
             return b"".join(encode(i, self.config) for i in self.insns)
         except FieldOverflow as exc:
             raise CompileError(f"layer {self.name}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class AccLayout:
+    """One half of the accumulator buffer: the block's outputs, the fused residual (if any), then
+    one vector per output-channel tile of each kind in ``vectors`` (bias+rounding, per-channel
+    shifts, per-channel residual alignment), in the order of the DRAM accumulator image."""
+
+    outputs: int  # oc_block * rows * cols
+    residual: bool
+    vectors: tuple[str, ...]
+    oc_block: int
+
+    @classmethod
+    def of(cls, conv: QuantConv, oc_block: int, rows: int, cols: int) -> "AccLayout":
+        vectors = ("bias",) + (("shift",) if np.ndim(conv.shift) == 1 else ())
+        if conv.residual_shift is not None and np.ndim(conv.residual_shift) == 1:
+            vectors += ("residual_shift",)
+        return cls(oc_block * rows * cols, conv.residual_shift is not None, vectors, oc_block)
+
+    @property
+    def size(self) -> int:
+        return self.outputs * (2 if self.residual else 1) + self.oc_block * len(self.vectors)
+
+    def residual_base(self, half: int) -> int:
+        return half + self.outputs
+
+    def vector_base(self, half: int, kind: str) -> int:
+        return half + self.outputs * (2 if self.residual else 1) + self.oc_block * self.vectors.index(kind)
 
 
 class _UopTable:
@@ -178,14 +212,12 @@ def _window(conv: QuantConv, rows: int, cols: int) -> tuple[int, int]:
     return (rows - 1) * sh + (kh - 1) * dh + 1, (cols - 1) * sw + (kw - 1) * dw + 1
 
 
-def _fits(
-    conv: QuantConv, g: Geometry, config: VTAConfig, ob: int, rows: int, cols: int, halves: int, vectors_per_tile: int
-) -> bool:
+def _fits(conv: QuantConv, g: Geometry, config: VTAConfig, ob: int, rows: int, cols: int, halves: int) -> bool:
     win_rows, win_cols = _window(conv, rows, cols)
     return (
         halves * win_rows * win_cols <= config.inp_depth
         and halves * ob * g.positions <= config.wgt_depth
-        and halves * ob * (rows * cols + vectors_per_tile) <= config.acc_depth
+        and halves * AccLayout.of(conv, ob, rows, cols).size <= config.acc_depth
         and ob * rows <= ITER_LIMIT
         and win_cols * conv.stride[0] < config.inp_depth
     )
@@ -193,8 +225,6 @@ def _fits(
 
 def choose_tiling(conv: QuantConv, g: Geometry, config: VTAConfig) -> Tiling:
     """The feasible tiling with the lowest estimated cycle count (double buffering preferred)."""
-    per_channel_shift = np.ndim(conv.shift) == 1
-    vectors_per_tile = 2 if per_channel_shift else 1
     inp_beats = max(1, config.inp_vector_bytes * 8 // config.bus_bits)
     wgt_beats = max(1, config.wgt_tile_bytes * 8 // config.bus_bits)
     col_options = sorted({ceil_div(g.out_width, k) for k in range(1, g.out_width + 1)}, reverse=True)
@@ -203,14 +233,15 @@ def choose_tiling(conv: QuantConv, g: Geometry, config: VTAConfig) -> Tiling:
         for ob in range(g.oc_tiles, 0, -1):
             for cols in col_options:
                 for rows in range(g.out_height, 0, -1):
-                    if not _fits(conv, g, config, ob, rows, cols, halves, vectors_per_tile):
+                    if not _fits(conv, g, config, ob, rows, cols, halves):
                         continue
                     win_rows, win_cols = _window(conv, rows, cols)
                     load = 300 + win_rows * win_cols * inp_beats + ob * g.positions * wgt_beats
                     gemm = 80 + rows * cols * ob * g.positions
                     step = max(load, gemm) if halves == 2 else load + gemm
                     blocks = ceil_div(g.oc_tiles, ob) * ceil_div(g.out_height, rows) * ceil_div(g.out_width, cols)
-                    cost = blocks * (g.ic_tiles * step + 4 * (46 + 2 * ob * rows * cols) + 300)
+                    residual = 200 + 4 * ob * rows * cols if conv.residual_shift is not None else 0
+                    cost = blocks * (g.ic_tiles * step + 4 * (46 + 2 * ob * rows * cols) + 300 + residual)
                     if best is None or cost < best[0]:
                         best = (cost, Tiling(ob, rows, cols, halves == 2))
                     break  # fewer rows only costs more for this (ob, cols)
@@ -220,7 +251,7 @@ def choose_tiling(conv: QuantConv, g: Geometry, config: VTAConfig) -> Tiling:
     raise CompileError(
         f"layer {conv.name}: does not fit VTA's buffers even one output pixel and one channel tile at a time "
         f"(needs {win_rows * win_cols} of {config.inp_depth} input vectors, {g.positions} of {config.wgt_depth} "
-        f"weight tiles, {1 + vectors_per_tile} of {config.acc_depth} accumulator vectors); "
+        f"weight tiles, {AccLayout.of(conv, 1, 1, 1).size} of {config.acc_depth} accumulator vectors); "
         "use a VTA config with larger buffers"
     )
 
@@ -259,7 +290,7 @@ def compile_conv(
     tiling = tiling or choose_tiling(conv, g, config)
     ob, rows, cols = tiling.oc_block, tiling.rows, tiling.cols
     halves = 2 if tiling.double_buffered else 1
-    per_channel = np.ndim(conv.shift) == 1
+    layout = AccLayout.of(conv, ob, rows, cols)
     oc_slice = slice(group * g.out_channels, (group + 1) * g.out_channels)
     packed = pack_weights(conv.weight[oc_slice], config.BLOCK_OUT, config.BLOCK_IN)
     kept = kept_tiles(conv, group, packed)
@@ -268,13 +299,11 @@ def compile_conv(
 
     win_rows_max, win_cols_max = _window(conv, rows, cols)
     inp_half, wgt_half = win_rows_max * win_cols_max, ob * g.positions
-    acc_half = ob * (rows * cols + (2 if per_channel else 1))
-
-    bias = conv.bias_with_rounding()[oc_slice]
-    acc_image = np.zeros((g.oc_tiles * (2 if per_channel else 1), config.BLOCK_OUT), np.int32)
-    acc_image[: g.oc_tiles].reshape(-1)[: g.out_channels] = bias
-    if per_channel:
-        acc_image[g.oc_tiles :].reshape(-1)[: g.out_channels] = conv.shifts()[oc_slice]
+    per_kind = {"bias": conv.bias_with_rounding(), "shift": conv.shifts(), "residual_shift": -conv.residual_shifts()}
+    acc_image = np.zeros((len(layout.vectors), g.oc_tiles, config.BLOCK_OUT), np.int32)
+    for row, kind in enumerate(layout.vectors):  # SHR by a negative amount shifts the residual left
+        acc_image[row].reshape(-1)[: g.out_channels] = per_kind[kind][oc_slice]
+    acc_image = acc_image.reshape(-1, config.BLOCK_OUT)
 
     blocks = [
         (o0, y0, x0)
@@ -291,15 +320,15 @@ def compile_conv(
     gemm_uops = dense_uops = 0
     for b, (o0, y0, x0) in enumerate(blocks):
         obb, rb, cb = min(ob, g.oc_tiles - o0), min(rows, g.out_height - y0), min(cols, g.out_width - x0)
-        acc_base = (b % halves) * acc_half
-        bias_base = acc_base + ob * rows * cols
-        shift_base = bias_base + ob
+        acc_base = (b % halves) * layout.size
         pixels = rb * cb
         first_compute = len(stream)
-        # bias (+ rounding) vectors, and per-channel shifts, into the accumulator buffer
-        stream.append(("compute", MemInsn(Opcode.LOAD, MemType.ACC, bias_base, o0, 1, obb, obb)))
-        if per_channel:
-            stream.append(("compute", MemInsn(Opcode.LOAD, MemType.ACC, shift_base, g.oc_tiles + o0, 1, obb, obb)))
+        # bias (+ rounding) vectors, per-channel shifts and residual alignments into the accumulator buffer
+        for row, kind in enumerate(layout.vectors):
+            base = layout.vector_base(acc_base, kind)
+            stream.append(("compute", MemInsn(Opcode.LOAD, MemType.ACC, base, row * g.oc_tiles + o0, 1, obb, obb)))
+        if layout.residual:
+            stream += [("compute", insn) for insn in _residual_load(conv, g, uops, layout, acc_base, o0, obb, y0, x0, rb, cb)]
         begin, end = uops.add([(acc_base, 0, 0)])
         stream.append(("compute", GemmInsn(True, begin, end, obb * rb, cb, cb, 1, 0, 0)))
         if b >= halves:
@@ -349,7 +378,11 @@ def compile_conv(
             stream.append(("compute", gemm))
             gemm_uops += gemm.count
             step += 1
-        stream += [("compute", insn) for insn in _requantize(conv, uops, acc_base, bias_base, shift_base, obb, rb, cb)]
+        if layout.residual:  # the fused Add: outputs += aligned residual
+            residual = layout.residual_base(acc_base)
+            add = uops.add([(acc_base + o * pixels, residual + o * pixels, 0) for o in range(obb)])
+            stream.append(("compute", AluInsn(AluOp.ADD, False, 0, *add, rb, cb, cb, 1, cb, 1)))
+        stream += [("compute", insn) for insn in _requantize(conv, uops, layout, acc_base, obb, rb, cb)]
         stream[-1][1].deps.push_next = True
         stores = _stores(g, acc_base, o0, obb, y0, x0, rb, cb)
         stores[0].deps.pop_prev = True
@@ -420,16 +453,39 @@ def _input_load(
     )
 
 
-def _requantize(
-    conv: QuantConv, uops: _UopTable, acc_base: int, bias_base: int, shift_base: int, obb: int, rb: int, cb: int
-) -> list[AluInsn]:
+def _residual_load(
+    conv: QuantConv, g: Geometry, uops: _UopTable, layout: AccLayout, acc_base: int, o0: int, obb: int, y0: int,
+    x0: int, rb: int, cb: int,
+) -> list[Insn]:
+    """LOAD ACC_8BIT of the residual block (int8, sign-extended), then SHR to align its scale."""
+    base, pixels = layout.residual_base(acc_base), rb * cb
+    insns: list[Insn] = [
+        MemInsn(Opcode.LOAD, MemType.ACC_8BIT, store.sram_base - acc_base + base, store.dram_base, store.y_size,
+                store.x_size, store.x_stride)
+        for store in _stores(g, acc_base, o0, obb, y0, x0, rb, cb)  # the same block shape as the output
+    ]
+    if np.ndim(conv.residual_shift) == 1:
+        align = uops.add([(base + o * pixels, layout.vector_base(acc_base, "residual_shift") + o, 0) for o in range(obb)])
+        insns.append(AluInsn(AluOp.SHR, False, 0, *align, rb, cb, cb, 1, 0, 0))
+    elif conv.residual_shift:
+        whole = uops.add([(base, 0, 0)])
+        insns.append(AluInsn(AluOp.SHR, True, -int(conv.residual_shift), *whole, obb * rb, cb, cb, 1))
+    return insns
+
+
+def _requantize(conv: QuantConv, uops: _UopTable, layout: AccLayout, acc_base: int, obb: int, rb: int,
+                cb: int) -> list[AluInsn]:
     """ADD bias+rounding (tensor), SHR (immediate or per-channel tensor), MIN 127, MAX -127 / 0."""
     pixels = rb * cb
-    per_tile = lambda src_base: uops.add([(acc_base + o * pixels, src_base + o, 0) for o in range(obb)])  # noqa: E731
+
+    def per_tile(kind: str) -> tuple[int, int]:
+        src = layout.vector_base(acc_base, kind)
+        return uops.add([(acc_base + o * pixels, src + o, 0) for o in range(obb)])
+
     whole = uops.add([(acc_base, 0, 0)])
-    insns = [AluInsn(AluOp.ADD, False, 0, *per_tile(bias_base), rb, cb, cb, 1, 0, 0)]
+    insns = [AluInsn(AluOp.ADD, False, 0, *per_tile("bias"), rb, cb, cb, 1, 0, 0)]
     if np.ndim(conv.shift) == 1:
-        insns.append(AluInsn(AluOp.SHR, False, 0, *per_tile(shift_base), rb, cb, cb, 1, 0, 0))
+        insns.append(AluInsn(AluOp.SHR, False, 0, *per_tile("shift"), rb, cb, cb, 1, 0, 0))
     else:
         insns.append(AluInsn(AluOp.SHR, True, int(conv.shift), *whole, obb * rb, cb, cb, 1))
     insns.append(AluInsn(AluOp.MIN, True, 127, *whole, obb * rb, cb, cb, 1))

@@ -89,23 +89,24 @@ class VtaConv:
     def config(self) -> VTAConfig:
         return self.programs[0].config
 
-    def run(self, x: np.ndarray, path: str = "fast") -> np.ndarray:
-        """int8 ``[B, C, H, W]`` -> int8 ``[B, OC, OH, OW]`` on the fast path or the ISA interpreter."""
-        per_group = x.shape[1] // self.conv.groups
-        block_in = self.config.BLOCK_IN
-        outputs = [
-            unpack_activations(
-                self.run_packed(pack_activations(x[:, g * per_group : (g + 1) * per_group], block_in), path, g),
-                program.geometry.out_channels,
-            )
-            for g, program in enumerate(self.programs)
-        ]
-        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=1)
+    def run(self, x: np.ndarray, path: str = "fast", residual: np.ndarray | None = None) -> np.ndarray:
+        """int8 ``[B, C, H, W]`` -> int8 ``[B, OC, OH, OW]`` on the fast path or the ISA interpreter.
 
-    def run_packed(self, packed: np.ndarray, path: str = "fast", group: int = 0) -> np.ndarray:
-        """One conv group on VTA's layouts: int8 ``[B, IT, H, W, 16]`` -> int8 ``[B, OT, OH, OW, 16]``."""
-        execute = run_fast if path == "fast" else run_isa
-        return execute(self.programs[group], packed)
+        ``residual`` (int8 ``[B, OC, OH, OW]``) is the other operand of a fused Add.
+        """
+        per_group = x.shape[1] // self.conv.groups
+        outputs = []
+        for g, program in enumerate(self.programs):
+            oc = program.geometry.out_channels
+            x_g = x[:, g * per_group : (g + 1) * per_group]
+            res = None if residual is None else residual[:, g * oc : (g + 1) * oc]
+            if path == "fast":
+                outputs.append(run_fast(program, x_g, res))
+            else:  # the interpreter works on VTA's packed DRAM layouts
+                packed_res = None if res is None else pack_activations(res, self.config.BLOCK_OUT)
+                packed = run_isa(program, pack_activations(x_g, self.config.BLOCK_IN), packed_res)
+                outputs.append(unpack_activations(packed, oc))
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=1)
 
     def timing(self) -> Timing:
         total = Timing()

@@ -37,7 +37,9 @@ class ConvSite:
     reason: str | None = None
     input_shift: int = 0  # power-of-two scales of the int8 input and output activations
     output_shift: int = 0
-    replaced: tuple[str, ...] = ()  # names of the nodes the VTA conv stands for (Conv, fused Relu)
+    replaced: tuple[str, ...] = ()  # names of the nodes the VTA conv stands for (Conv, fused Add, Relu)
+    residual: str | None = None  # the other operand of a fused Add
+    residual_input_shift: int = 0  # its power-of-two scale
 
 
 def static_shapes(
@@ -115,8 +117,11 @@ def extract_convs(
                 f"the model was pruned for {annotation.tile} tiles but the VTA config has "
                 f"{config.BLOCK_OUT}x{config.BLOCK_IN}; prune again with --tile matching the config"
             )
-    conv_inputs = [n.input[0] for n in model.graph.node if n.op_type == "Conv" and n.domain in ("", "ai.onnx")]
-    shapes = static_shapes(model, input_shape, conv_inputs)
+    constants = {t.name for t in model.graph.initializer}
+    needed = [n.input[0] for n in model.graph.node if n.op_type == "Conv" and n.domain in ("", "ai.onnx")]
+    needed += [t for n in model.graph.node if n.op_type in ("Conv", "Add")
+               for t in (n.output if n.op_type == "Conv" else n.input) if t not in constants]
+    shapes = static_shapes(model, input_shape, needed)
     index = GraphIndex(model.graph)
     layers = {name: layer for layer in find_layers(model) for name in layer.nodes}
     shifts = dict(activation_shifts or {})
@@ -148,9 +153,9 @@ def extract_convs(
                 f"(VTA would pad them to {config.BLOCK_IN})"
             )
             continue
-        relu = _fused_relu(index, node)
+        fused = _fusion(index, node.output[0], shapes)
         s_in = shifts.get(node.input[0], default_shift)
-        s_out = shifts.get(relu or node.output[0], default_shift)
+        s_out = shifts.get(fused.output, default_shift)
         weights = layer.stored.values.astype(np.float32)
         max_abs = np.abs(weights).reshape(weights.shape[0], -1).max(axis=1) if per_channel else np.abs(weights).max()
         s_w = shift_for(max_abs)
@@ -169,6 +174,11 @@ def extract_convs(
             continue
         entry = annotation.for_weight(layer.weight) if annotation else None
         requant = s_in + s_w - s_out
+        residual_shift = None
+        if fused.residual is not None:  # residual * 2**(s_in + s_w - s_res) is in accumulator units
+            site.residual_input_shift = int(shifts.get(fused.residual, default_shift))
+            align = s_in + s_w - site.residual_input_shift
+            residual_shift = align.astype(np.int64) if per_channel else int(align)
         site.conv = QuantConv(
             name=name,
             weight=q,
@@ -178,22 +188,47 @@ def extract_convs(
             groups=int(node_attribute(node, "group", 1)),  # type: ignore[arg-type]
             bias=bias,
             shift=requant.astype(np.int64) if per_channel else int(requant),
-            relu=relu is not None,
+            relu=fused.relu,
             kept=None if entry is None else entry.kept,
+            residual_shift=residual_shift,
         )
         site.in_shape = (in_shape[1], in_shape[2], in_shape[3])
         site.input_shift, site.output_shift = int(s_in), int(s_out)
-        if relu is not None:
-            site.output = relu
-            site.replaced = (name, index.names[index.consumers[node.output[0]][0]])
+        site.output, site.residual = fused.output, fused.residual
+        site.replaced = (name, *fused.nodes)
     return sites
 
 
-def _fused_relu(index: GraphIndex, node: onnx.NodeProto) -> str | None:
-    """The output of the Relu that alone reads this conv's output, if there is one."""
-    readers = index.consumers.get(node.output[0], [])
-    if len(readers) == 1 and node.output[0] not in index.graph_outputs:
-        reader = index.graph.node[readers[0]]
-        if reader.op_type == "Relu":
-            return reader.output[0]
+@dataclass
+class Fusion:
+    """What follows a conv and joins its VTA program: an Add of a residual tensor, then a Relu."""
+
+    output: str  # the last fused node's output
+    residual: str | None = None
+    relu: bool = False
+    nodes: tuple[str, ...] = ()  # names of the fused nodes after the conv
+
+
+def _sole_reader(index: GraphIndex, tensor: str) -> onnx.NodeProto | None:
+    readers = index.consumers.get(tensor, [])
+    if len(readers) == 1 and tensor not in index.graph_outputs:
+        return index.graph.node[readers[0]]
     return None
+
+
+def _fusion(index: GraphIndex, conv_output: str, shapes: Mapping[str, tuple[int, ...]]) -> Fusion:
+    """Conv + Add(residual of the same shape) + Relu, Conv + Add, Conv + Relu, or the conv alone."""
+    fusion = Fusion(conv_output)
+    reader = _sole_reader(index, conv_output)
+    if reader is not None and reader.op_type == "Add" and reader.domain in ("", "ai.onnx") and len(reader.input) == 2:
+        other = reader.input[1] if reader.input[0] == conv_output else reader.input[0]
+        if other != conv_output and shapes.get(other) is not None and shapes.get(other) == shapes.get(conv_output):
+            fusion = Fusion(reader.output[0], other, False, (index.names[_node_index(index, reader)],))
+            reader = _sole_reader(index, fusion.output)
+    if reader is not None and reader.op_type == "Relu" and reader.domain in ("", "ai.onnx"):
+        fusion = Fusion(reader.output[0], fusion.residual, True, fusion.nodes + (index.names[_node_index(index, reader)],))
+    return fusion
+
+
+def _node_index(index: GraphIndex, node: onnx.NodeProto) -> int:
+    return index.producer[node.output[0]]

@@ -1,9 +1,11 @@
-"""The ``VtaConv`` custom op: a Python kernel registered with ONNX Runtime through onnxruntime-extensions.
+"""The ``VtaConv`` / ``VtaConvAdd`` custom ops: Python kernels registered with ONNX Runtime
+through onnxruntime-extensions.
 
 Each rewritten conv carries a ``key`` attribute naming its compiled :class:`VtaKernel` in
-this process's registry. The kernel quantizes its float input with the calibrated
-power-of-two scale, runs the VTA program over the whole batch (fast path), and hands ONNX
-Runtime the dequantized result.
+this process's registry. The kernel takes int8 activations (and, for a fused Add, the int8
+residual), runs the VTA program over the whole batch (fast path) and returns int8
+activations, as VTA keeps them in DRAM between layers; the session places ONNX Runtime's
+QuantizeLinear / DequantizeLinear at the borders with float operators.
 
 onnxruntime-extensions returns a Python kernel's outputs to ONNX Runtime as
 ``array.flatten().tolist()``, about 50 ns per element; its native side accepts the flat
@@ -20,45 +22,20 @@ from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 from onnxruntime_extensions import _ocos as ocos
 
 from vta_backend.layer import VtaConv
-from vta_backend.layout import pack_activations, unpack_activations
 
 DOMAIN = "ai.onnx.contrib"
-OP_TYPE = "VtaConv"
+OP_TYPE = "VtaConv"  # int8 input -> int8 output
+OP_TYPE_ADD = "VtaConvAdd"  # int8 input, int8 residual -> int8 output
 
 
 @dataclass
 class VtaKernel:
-    """A compiled conv with the power-of-two scales of its input and output activations."""
+    """A compiled conv (with its fused Relu / residual Add): int8 activations in, int8 out."""
 
     layer: VtaConv
-    input_shift: int
-    output_shift: int
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        q = quantize_fast(x, self.input_shift)
-        conv = self.layer.conv
-        per_group = q.shape[1] // conv.groups
-        block_in = self.layer.config.BLOCK_IN
-        outputs = [
-            unpack_activations(
-                self.layer.run_packed(pack_activations(q[:, g * per_group : (g + 1) * per_group], block_in), "fast", g),
-                program.geometry.out_channels,
-            )
-            for g, program in enumerate(self.layer.programs)
-        ]
-        out = (outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=1)).astype(np.float32)
-        return np.multiply(out, np.float32(2.0**-self.output_shift), out=out)
-
-
-def quantize_fast(x: np.ndarray, shift: int) -> np.ndarray:
-    """float32 -> int8 in [-127, 127]: ``x * 2**shift`` rounded half away from zero (as ``quant.quantize``).
-
-    Adding +-0.5 then truncating toward zero (the float -> int conversion) rounds half away from zero.
-    """
-    scaled = np.multiply(x, np.float32(2.0**shift), dtype=np.float32)
-    np.add(scaled, np.copysign(np.float32(0.5), scaled), out=scaled)
-    np.clip(scaled, -127, 127, out=scaled)
-    return scaled.astype(np.int8)
+    def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        return self.layer.run(x, "fast", residual)
 
 
 _KERNELS: dict[str, VtaKernel] = {}
@@ -73,20 +50,23 @@ def unregister(keys: list[str]) -> None:
         _KERNELS.pop(key, None)
 
 
-@onnx_op(
-    op_type=OP_TYPE,
-    domain=DOMAIN,
-    inputs=[PyCustomOpDef.dt_float],
-    outputs=[PyCustomOpDef.dt_float],
-    attrs={"key": PyCustomOpDef.dt_string},
-)
-def _vta_conv(x: np.ndarray, key: str) -> np.ndarray:
+def _kernel(key: str) -> VtaKernel:
     kernel = _KERNELS.get(key)
     if kernel is None:
-        raise RuntimeError(
-            f"VtaConv kernel {key!r} is not registered in this process; build the session with VtaSession"
-        )
-    return kernel(x)
+        raise RuntimeError(f"VTA kernel {key!r} is not registered in this process; build the session with VtaSession")
+    return kernel
+
+
+@onnx_op(op_type=OP_TYPE, domain=DOMAIN, inputs=[PyCustomOpDef.dt_int8], outputs=[PyCustomOpDef.dt_int8],
+         attrs={"key": PyCustomOpDef.dt_string})
+def _vta_conv(x: np.ndarray, key: str) -> np.ndarray:
+    return _kernel(key)(x)
+
+
+@onnx_op(op_type=OP_TYPE_ADD, domain=DOMAIN, inputs=[PyCustomOpDef.dt_int8, PyCustomOpDef.dt_int8],
+         outputs=[PyCustomOpDef.dt_int8], attrs={"key": PyCustomOpDef.dt_string})
+def _vta_conv_add(x: np.ndarray, residual: np.ndarray, key: str) -> np.ndarray:
+    return _kernel(key)(x, residual)
 
 
 def _invoke(k_id: int, feed: tuple, attributes: dict) -> tuple:

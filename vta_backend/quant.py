@@ -12,7 +12,10 @@ is, exactly as VTA's ALU does it (and as TVM's quantizer emits it for VTA):
     acc = max(acc, -127)  or  max(acc, 0) with a fused ReLU   # ALU MAX
     out = low 8 bits of acc               # STORE
 
-All additions wrap at 32 bits. The rounding constant is folded into the bias vector.
+All additions wrap at 32 bits. The rounding constant is folded into the bias vector. A
+fused residual Add (ResNet's shortcut) loads the int8 residual into the accumulator,
+aligns its scale with a shift (``SHR`` by a negative amount shifts left) and adds it
+before the bias, as TVM does on VTA.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ class QuantConv:
     shift: int | np.ndarray = 0
     relu: bool = False
     kept: np.ndarray | None = None
+    residual_shift: int | np.ndarray | None = None  # a fused Add: residual * 2**residual_shift joins the sum
 
     def __post_init__(self) -> None:
         if self.weight.dtype != np.int8 or self.weight.ndim != 4:
@@ -78,9 +82,10 @@ class QuantConv:
             raise UserError(
                 f"layer {self.name}: {self.weight.shape[0]} output channels do not split into {self.groups} groups"
             )
-        shifts = np.asarray(self.shift)
-        if shifts.ndim > 1 or (shifts.ndim == 1 and shifts.size != self.weight.shape[0]):
-            raise UserError(f"layer {self.name}: shift must be one int or one per output channel")
+        for name in ("shift", "residual_shift"):
+            values = np.asarray(getattr(self, name) if getattr(self, name) is not None else 0)
+            if values.ndim > 1 or (values.ndim == 1 and values.size != self.weight.shape[0]):
+                raise UserError(f"layer {self.name}: {name} must be one int or one per output channel")
         if min(self.stride) < 1 or min(self.dilation) < 1 or min(self.pads) < 0:
             raise UserError(f"layer {self.name}: stride and dilation must be >= 1 and pads >= 0")
 
@@ -108,6 +113,11 @@ class QuantConv:
     def shifts(self) -> np.ndarray:
         """The requantization shift of every output channel."""
         return np.broadcast_to(np.asarray(self.shift, np.int64), (self.out_channels,)).copy()
+
+    def residual_shifts(self) -> np.ndarray:
+        """Per output channel, the power of two a fused residual is multiplied by (0 without one)."""
+        shift = 0 if self.residual_shift is None else self.residual_shift
+        return np.broadcast_to(np.asarray(shift, np.int64), (self.out_channels,)).copy()
 
     def bias_with_rounding(self) -> np.ndarray:
         """int32 per output channel: bias plus the rounding constant ``2**(r-1)`` (r > 0), wrapped."""

@@ -17,10 +17,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from gpp_onnx.errors import UserError
 from gpp_onnx.model_io import load_model
+from gpp_onnx.weights import GraphIndex
 from vta_backend import ort_op
 from vta_backend.config import VTAConfig
 from vta_backend.model import CompiledModel, compile_model
@@ -29,27 +30,61 @@ _SESSION_IDS = itertools.count()
 
 
 def rewrite(model: onnx.ModelProto, compiled: CompiledModel, prefix: str) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of the model with each VTA conv (+ fused Relu) as a VtaConv node; returns it and the kernel keys."""
+    """A copy of the model with each VTA conv (and its fused Add / Relu) as one int8 custom node.
+
+    Activations stay int8 between VTA convs; QuantizeLinear / DequantizeLinear (scale
+    ``2**-shift``, zero point 0) convert where a float operator produces or reads them.
+    Returns the model and the keys of the kernels it registered.
+    """
     rewritten = onnx.ModelProto()
     rewritten.CopyFrom(model)
-    names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(model.graph.node)]
-    by_first = {site.replaced[0]: site for site in compiled.sites if site.conv is not None}
-    dropped = {name for site in by_first.values() for name in site.replaced[1:]}
-    nodes, keys = [], []
-    for name, node in zip(names, model.graph.node):
-        site = by_first.get(name)
+    index = GraphIndex(model.graph)
+    # each VTA node goes where the last node it replaces was, so that all its inputs exist by then
+    sites = {site.replaced[-1]: site for site in compiled.sites if site.conv is not None}
+    replaced = {name for site in sites.values() for name in site.replaced}
+    int8_reads = {(site.replaced[0], site.input) for site in sites.values()}  # (reader, tensor) pairs VTA serves
+    int8_reads |= {(site.replaced[1], site.residual) for site in sites.values() if site.residual is not None}
+    nodes, keys, initializers = [], [], []
+    int8: dict[str, str] = {}  # tensor -> its int8 twin
+
+    def scale(shift: int) -> str:
+        name = f"{prefix}/scale_{shift}"
+        if not any(t.name == name for t in initializers):
+            initializers.append(numpy_helper.from_array(np.array(2.0**-shift, np.float32), name))
+        return name
+
+    zero = f"{prefix}/zero_point"
+    initializers.append(numpy_helper.from_array(np.array(0, np.int8), zero))
+
+    def as_int8(tensor: str, shift: int) -> str:
+        if tensor not in int8:
+            int8[tensor] = f"{tensor}/int8"
+            nodes.append(helper.make_node("QuantizeLinear", [tensor, scale(shift), zero], [int8[tensor]],
+                                          name=f"{tensor}/quantize"))
+        return int8[tensor]
+
+    for name, node in zip(index.names, model.graph.node):
+        site = sites.get(name)
         if site is None:
-            if name not in dropped:
+            if name not in replaced:
                 nodes.append(node)
             continue
+        name = site.node
         key = f"{prefix}:{name}"
-        ort_op.register(key, ort_op.VtaKernel(compiled.layers[name], site.input_shift, site.output_shift))
+        ort_op.register(key, ort_op.VtaKernel(compiled.layers[name]))
         keys.append(key)
-        nodes.append(
-            helper.make_node(
-                ort_op.OP_TYPE, [site.input], [site.output], name=f"{name}/vta", domain=ort_op.DOMAIN, key=key
-            )
-        )
+        inputs = [as_int8(site.input, site.input_shift)]
+        if site.residual is not None:
+            inputs.append(as_int8(site.residual, site.residual_input_shift))
+        int8[site.output] = f"{site.output}/int8"
+        op_type = ort_op.OP_TYPE_ADD if site.residual is not None else ort_op.OP_TYPE
+        nodes.append(helper.make_node(op_type, inputs, [int8[site.output]], name=f"{name}/vta", domain=ort_op.DOMAIN,
+                                      key=key))
+        float_readers = [i for i in index.consumers.get(site.output, [])
+                         if (index.names[i], site.output) not in int8_reads]
+        if float_readers or site.output in index.graph_outputs:
+            nodes.append(helper.make_node("DequantizeLinear", [int8[site.output], scale(site.output_shift), zero],
+                                          [site.output], name=f"{site.output}/dequantize"))
     del rewritten.graph.node[:]
     rewritten.graph.node.extend(nodes)
     if not any(o.domain == ort_op.DOMAIN for o in rewritten.opset_import):
@@ -57,7 +92,7 @@ def rewrite(model: onnx.ModelProto, compiled: CompiledModel, prefix: str) -> tup
     used = {i for n in nodes for i in n.input}
     kept = [t for t in rewritten.graph.initializer if t.name in used]  # the int8 weights live in the kernels
     del rewritten.graph.initializer[:]
-    rewritten.graph.initializer.extend(kept)
+    rewritten.graph.initializer.extend(kept + initializers)
     return rewritten, keys
 
 

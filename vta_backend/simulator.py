@@ -36,7 +36,7 @@ EXACT_INT32_TILES = 1024  # 1024 tiles * 16 products * 255 * 128 < 2**31
 class _Machine:
     """SRAM buffers and DRAM arrays of one program run over a batch."""
 
-    def __init__(self, program: Program, packed_input: np.ndarray) -> None:
+    def __init__(self, program: Program, packed_input: np.ndarray, residual: np.ndarray | None) -> None:
         c = program.config
         g = program.geometry
         batch = packed_input.shape[0]
@@ -51,6 +51,8 @@ class _Machine:
             MemType.ACC: program.acc_image,
             MemType.UOP: program.uops,
         }
+        if residual is not None:  # int8 [B, OT, OH, OW, BLOCK_OUT], laid out as the output
+            self.dram[MemType.ACC_8BIT] = residual.reshape(batch, -1, c.BLOCK_OUT)
         self.out = np.zeros((batch, g.oc_tiles * g.out_height * g.out_width, c.BLOCK_OUT), np.int8)
 
     def load(self, insn: MemInsn) -> None:
@@ -73,6 +75,9 @@ class _Machine:
         elif insn.memory_type == MemType.ACC:
             self.acc[:, region] = 0
             self.acc[:, dst] = dram[src]
+        elif insn.memory_type == MemType.ACC_8BIT:  # int8 vectors, sign-extended into the accumulators
+            self.acc[:, region] = 0
+            self.acc[:, dst] = dram[:, src]
         elif insn.memory_type == MemType.UOP:
             self.uop[region] = 0
             self.uop[dst] = dram[src]
@@ -154,10 +159,14 @@ class _Machine:
         self.acc[:, dst] = result.astype(np.int32)
 
 
-def run_isa(program: Program, packed: np.ndarray) -> np.ndarray:
-    """Interpret the encoded program: int8 ``[B, IT, H, W, BLOCK_IN]`` -> int8 ``[B, OT, OH, OW, BLOCK_OUT]``."""
+def run_isa(program: Program, packed: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+    """Interpret the encoded program: int8 ``[B, IT, H, W, BLOCK_IN]`` -> int8 ``[B, OT, OH, OW, BLOCK_OUT]``.
+
+    ``residual`` (int8, laid out as the output) is the second operand of a fused Add.
+    """
     g = program.geometry
-    machine = _Machine(program, packed)
+    _check_residual(program, residual)
+    machine = _Machine(program, packed, residual)
     for insn in decode_program(program.binary(), program.config):
         if isinstance(insn, MemInsn):
             machine.load(insn) if insn.opcode == Opcode.LOAD else machine.store(insn)
@@ -187,14 +196,24 @@ def _int8_matmul() -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _padded_items(program: Program, packed: np.ndarray) -> np.ndarray:
-    """The input zero-padded, offset by 128 to uint8, as 16-byte items ``[B, IT, Hp, Wp]``."""
+def _padded_items(program: Program, x: np.ndarray) -> np.ndarray:
+    """The NCHW int8 input zero-padded (space and channels), offset by 128 to uint8, as 16-byte
+    items ``[B, IT, Hp, Wp]``: one item is one input-channel tile at one pixel (NCHW1n16c)."""
     conv, g, c = program.conv, program.geometry, program.config
     top, left, bottom, right = conv.pads
-    padded = np.full(
-        (packed.shape[0], g.ic_tiles, g.height + top + bottom, g.width + left + right, c.BLOCK_IN), 128, np.uint8
-    )
-    padded[:, :, top : top + g.height, left : left + g.width] = packed.view(np.uint8) ^ np.uint8(128)  # int8 + 128
+    batch, hp, wp = x.shape[0], g.height + top + bottom, g.width + left + right
+    padded = np.empty((batch, g.ic_tiles, hp, wp, c.BLOCK_IN), np.uint8)
+    for frame in (np.s_[:, :, :top], np.s_[:, :, top + g.height :], np.s_[:, :, :, :left], np.s_[:, :, :, left + g.width :]):
+        padded[frame] = 128  # spatial padding: int8 zero
+    inside = padded[:, :, top : top + g.height, left : left + g.width]
+    full, rest = divmod(g.in_channels, c.BLOCK_IN)
+    source = x.view(np.uint8)
+    if full:
+        tiles = source[:, : full * c.BLOCK_IN].reshape(batch, full, c.BLOCK_IN, g.height, g.width)
+        np.bitwise_xor(tiles.transpose(0, 1, 3, 4, 2), 128, out=inside[:, :full])  # int8 + 128
+    if rest:
+        inside[:, full] = 128  # padding channels: int8 zero
+        np.bitwise_xor(source[:, full * c.BLOCK_IN :].transpose(0, 2, 3, 1), 128, out=inside[:, full, :, :, :rest])
     return padded.view(np.dtype((np.void, c.BLOCK_IN)))[..., 0]
 
 
@@ -230,10 +249,16 @@ def _accumulate(
     return acc
 
 
-def run_fast(program: Program, packed: np.ndarray) -> np.ndarray:
-    """The tile-level fast path, bit-identical to :func:`run_isa`, on the same packed layouts.
+def _check_residual(program: Program, residual: np.ndarray | None) -> None:
+    if (residual is not None) != (program.conv.residual_shift is not None):
+        raise ValueError(f"layer {program.name}: a fused Add needs exactly one residual input")
 
-    One input-channel tile at one pixel of the packed input is one 16-byte item, so the kept
+
+def run_fast(program: Program, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+    """The tile-level fast path: int8 ``[B, C, H, W]`` -> int8 ``[B, OC, OH, OW]``, bit-identical to
+    :func:`run_isa`; ``residual`` (int8, like the output) is the other operand of a fused Add.
+
+    The input is laid out NCHW1n16c once, so one input-channel tile at one pixel is one 16-byte item and the kept
     (ic tile, kernel position) columns of every output pixel are strided copies of 16-byte
     items. Output-channel tiles with the same kept set share those columns; each set
     multiplies them with its kept weight tiles in ONNX Runtime's integer GEMM (exact int32
@@ -242,13 +267,23 @@ def run_fast(program: Program, packed: np.ndarray) -> np.ndarray:
     ``IMAGES_PER_TASK`` images (so the gathered columns stay in cache).
     """
     g, c = program.geometry, program.config
-    batch = packed.shape[0]
-    items = _padded_items(program, packed)
-    out = np.empty((batch, g.oc_tiles, g.out_height, g.out_width, c.BLOCK_OUT), np.int8)
+    batch = x.shape[0]
+    _check_residual(program, residual)
+    items = _padded_items(program, x)
+    out = np.empty((batch, g.out_channels, g.out_height, g.out_width), np.int8)
 
     def run(task: tuple[tuple[list[int], np.ndarray, np.ndarray, np.ndarray], slice]) -> None:
         (ots, its, positions, weights), images = task
         acc = _accumulate(program, items, images, its, positions, weights, len(ots) * c.BLOCK_OUT)
+        count = images.stop - images.start
+        channels = np.concatenate([np.arange(ot * c.BLOCK_OUT, (ot + 1) * c.BLOCK_OUT) for ot in ots])
+        real = channels < g.out_channels  # lanes that are real output channels
+        if residual is not None:  # the fused Add, aligned to the accumulator's scale
+            block = np.zeros((count, g.out_height, g.out_width, channels.size), np.int32)
+            block[..., real] = residual[images][:, channels[real]].transpose(0, 2, 3, 1)
+            block = block.reshape(acc.shape)
+            shifts = program.residual_shifts[ots].ravel()
+            np.add(acc, np.where(shifts >= 0, block << np.maximum(shifts, 0), block >> np.maximum(-shifts, 0)), out=acc)
         result = requantize(
             acc,
             program.bias_with_rounding[ots].ravel(),
@@ -256,9 +291,10 @@ def run_fast(program: Program, packed: np.ndarray) -> np.ndarray:
             program.conv.relu,
             channel_axis=-1,
         )
-        result = result.reshape(images.stop - images.start, g.out_height, g.out_width, len(ots), c.BLOCK_OUT)
-        for j, ot in enumerate(ots):
-            out[images, ot] = result[:, :, :, j]
+        result = result.reshape(count, g.out_height, g.out_width, channels.size)
+        for j, ot in enumerate(ots):  # back to NCHW, dropping the padding lanes
+            low, high = ot * c.BLOCK_OUT, min((ot + 1) * c.BLOCK_OUT, g.out_channels)
+            out[images, low:high] = result[..., j * c.BLOCK_OUT : j * c.BLOCK_OUT + high - low].transpose(0, 3, 1, 2)
 
     groups = program.tile_groups
     chunks = max(-(-batch // IMAGES_PER_TASK), 2 if len(groups) == 1 and batch > 1 else 1)
