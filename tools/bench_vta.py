@@ -6,7 +6,8 @@ For each group sparsity: prunes synthetic ResNet-20 conv weights (the 18 convs o
 residual stages; the 3-channel first conv stays on the CPU, as TVM keeps it), compiles
 them for VTA, and times
 
-* the fast tile-level path (int8 NCHW in and out, pruned tiles skipped on the host),
+* the fast tile-level path (int8 channels-last activations in and out, as the VTA session
+  keeps them between convs; pruned tiles skipped on the host),
 * the ISA interpreter (on a smaller batch),
 * ONNX Runtime running the same convs in fp32 (dense kernels),
 
@@ -69,7 +70,7 @@ def measure(sparsity: float, batch: int, interpreter_batch: int, repeat: int, co
         conv = QuantConv(f"conv{i}", q, stride=(stride, stride), pads=(1, 1, 1, 1), shift=8, relu=True, kept=k)
         layers.append(VtaConv.compile(conv, (cin, size, size), config))
         x = rng.integers(-127, 128, (batch, cin, size, size)).astype(np.int8)
-        inputs_q.append(x)
+        inputs_q.append(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))  # channels last, as VTA's NCHW1n16c
         inputs_f[f"x{i}"] = x.astype(np.float32) / 16
     options = ort.SessionOptions()
     options.intra_op_num_threads = 0
@@ -78,9 +79,9 @@ def measure(sparsity: float, batch: int, interpreter_batch: int, repeat: int, co
     )
     session.run(None, inputs_f)  # warm-up
     t_ort = best_of(repeat, lambda: session.run(None, inputs_f))
-    t_fast = best_of(repeat, lambda: [layer.run(x, "fast") for layer, x in zip(layers, inputs_q)])
+    t_fast = best_of(repeat, lambda: [layer.run_nhwc(x) for layer, x in zip(layers, inputs_q)])
     small = [x[:interpreter_batch] for x in inputs_q]
-    t_isa = best_of(1, lambda: [layer.run(x, "isa") for layer, x in zip(layers, small)])
+    t_isa = best_of(1, lambda: [layer.run(x.transpose(0, 3, 1, 2), "isa") for layer, x in zip(layers, small)])
     stats = [layer.stats() for layer in layers]
     cycles = sum(s.timing.cycles for s in stats)
     dense = sum(s.dense_cycles for s in stats)

@@ -328,7 +328,9 @@ def compile_conv(
             base = layout.vector_base(acc_base, kind)
             stream.append(("compute", MemInsn(Opcode.LOAD, MemType.ACC, base, row * g.oc_tiles + o0, 1, obb, obb)))
         if layout.residual:
-            stream += [("compute", insn) for insn in _residual_load(conv, g, uops, layout, acc_base, o0, obb, y0, x0, rb, cb)]
+            stream += [
+                ("compute", insn) for insn in _residual_load(conv, g, uops, layout, acc_base, o0, obb, y0, x0, rb, cb)
+            ]
         begin, end = uops.add([(acc_base, 0, 0)])
         stream.append(("compute", GemmInsn(True, begin, end, obb * rb, cb, cb, 1, 0, 0)))
         if b >= halves:
@@ -454,18 +456,36 @@ def _input_load(
 
 
 def _residual_load(
-    conv: QuantConv, g: Geometry, uops: _UopTable, layout: AccLayout, acc_base: int, o0: int, obb: int, y0: int,
-    x0: int, rb: int, cb: int,
+    conv: QuantConv,
+    g: Geometry,
+    uops: _UopTable,
+    layout: AccLayout,
+    acc_base: int,
+    o0: int,
+    obb: int,
+    y0: int,
+    x0: int,
+    rb: int,
+    cb: int,
 ) -> list[Insn]:
     """LOAD ACC_8BIT of the residual block (int8, sign-extended), then SHR to align its scale."""
     base, pixels = layout.residual_base(acc_base), rb * cb
     insns: list[Insn] = [
-        MemInsn(Opcode.LOAD, MemType.ACC_8BIT, store.sram_base - acc_base + base, store.dram_base, store.y_size,
-                store.x_size, store.x_stride)
+        MemInsn(
+            Opcode.LOAD,
+            MemType.ACC_8BIT,
+            store.sram_base - acc_base + base,
+            store.dram_base,
+            store.y_size,
+            store.x_size,
+            store.x_stride,
+        )
         for store in _stores(g, acc_base, o0, obb, y0, x0, rb, cb)  # the same block shape as the output
     ]
     if np.ndim(conv.residual_shift) == 1:
-        align = uops.add([(base + o * pixels, layout.vector_base(acc_base, "residual_shift") + o, 0) for o in range(obb)])
+        align = uops.add(
+            [(base + o * pixels, layout.vector_base(acc_base, "residual_shift") + o, 0) for o in range(obb)]
+        )
         insns.append(AluInsn(AluOp.SHR, False, 0, *align, rb, cb, cb, 1, 0, 0))
     elif conv.residual_shift:
         whole = uops.add([(base, 0, 0)])
@@ -473,8 +493,9 @@ def _residual_load(
     return insns
 
 
-def _requantize(conv: QuantConv, uops: _UopTable, layout: AccLayout, acc_base: int, obb: int, rb: int,
-                cb: int) -> list[AluInsn]:
+def _requantize(
+    conv: QuantConv, uops: _UopTable, layout: AccLayout, acc_base: int, obb: int, rb: int, cb: int
+) -> list[AluInsn]:
     """ADD bias+rounding (tensor), SHR (immediate or per-channel tensor), MIN 127, MAX -127 / 0."""
     pixels = rb * cb
 

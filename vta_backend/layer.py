@@ -94,19 +94,35 @@ class VtaConv:
 
         ``residual`` (int8 ``[B, OC, OH, OW]``) is the other operand of a fused Add.
         """
+        if path == "fast":
+            res = None if residual is None else np.ascontiguousarray(residual.transpose(0, 2, 3, 1))
+            out = self.run_nhwc(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), res)
+            return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
         per_group = x.shape[1] // self.conv.groups
+        outputs = []
+        for g, program in enumerate(self.programs):  # the interpreter works on VTA's packed DRAM layouts
+            oc = program.geometry.out_channels
+            res = (
+                None
+                if residual is None
+                else pack_activations(residual[:, g * oc : (g + 1) * oc], self.config.BLOCK_OUT)
+            )
+            packed = run_isa(
+                program, pack_activations(x[:, g * per_group : (g + 1) * per_group], self.config.BLOCK_IN), res
+            )
+            outputs.append(unpack_activations(packed, oc))
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=1)
+
+    def run_nhwc(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        """The fast path on channels-last int8 activations: ``[B, H, W, C]`` -> ``[B, OH, OW, OC]``."""
+        per_group = x.shape[3] // self.conv.groups
         outputs = []
         for g, program in enumerate(self.programs):
             oc = program.geometry.out_channels
-            x_g = x[:, g * per_group : (g + 1) * per_group]
-            res = None if residual is None else residual[:, g * oc : (g + 1) * oc]
-            if path == "fast":
-                outputs.append(run_fast(program, x_g, res))
-            else:  # the interpreter works on VTA's packed DRAM layouts
-                packed_res = None if res is None else pack_activations(res, self.config.BLOCK_OUT)
-                packed = run_isa(program, pack_activations(x_g, self.config.BLOCK_IN), packed_res)
-                outputs.append(unpack_activations(packed, oc))
-        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=1)
+            x_g = x if self.conv.groups == 1 else np.ascontiguousarray(x[..., g * per_group : (g + 1) * per_group])
+            res = residual if residual is None or self.conv.groups == 1 else residual[..., g * oc : (g + 1) * oc]
+            outputs.append(run_fast(program, x_g, res))
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=3)
 
     def timing(self) -> Timing:
         total = Timing()

@@ -119,8 +119,13 @@ def extract_convs(
             )
     constants = {t.name for t in model.graph.initializer}
     needed = [n.input[0] for n in model.graph.node if n.op_type == "Conv" and n.domain in ("", "ai.onnx")]
-    needed += [t for n in model.graph.node if n.op_type in ("Conv", "Add")
-               for t in (n.output if n.op_type == "Conv" else n.input) if t not in constants]
+    needed += [
+        t
+        for n in model.graph.node
+        if n.op_type in ("Conv", "Add")
+        for t in (n.output if n.op_type == "Conv" else n.input)
+        if t not in constants
+    ]
     shapes = static_shapes(model, input_shape, needed)
     index = GraphIndex(model.graph)
     layers = {name: layer for layer in find_layers(model) for name in layer.nodes}
@@ -226,7 +231,9 @@ def _fusion(index: GraphIndex, conv_output: str, shapes: Mapping[str, tuple[int,
             fusion = Fusion(reader.output[0], other, False, (index.names[_node_index(index, reader)],))
             reader = _sole_reader(index, fusion.output)
     if reader is not None and reader.op_type == "Relu" and reader.domain in ("", "ai.onnx"):
-        fusion = Fusion(reader.output[0], fusion.residual, True, fusion.nodes + (index.names[_node_index(index, reader)],))
+        fusion = Fusion(
+            reader.output[0], fusion.residual, True, fusion.nodes + (index.names[_node_index(index, reader)],)
+        )
     return fusion
 
 

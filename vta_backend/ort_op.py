@@ -30,12 +30,12 @@ OP_TYPE_ADD = "VtaConvAdd"  # int8 input, int8 residual -> int8 output
 
 @dataclass
 class VtaKernel:
-    """A compiled conv (with its fused Relu / residual Add): int8 activations in, int8 out."""
+    """A compiled conv (with its fused Relu / residual Add): channels-last int8 activations in and out."""
 
     layer: VtaConv
 
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
-        return self.layer.run(x, "fast", residual)
+        return self.layer.run_nhwc(x, residual)
 
 
 _KERNELS: dict[str, VtaKernel] = {}
@@ -57,14 +57,24 @@ def _kernel(key: str) -> VtaKernel:
     return kernel
 
 
-@onnx_op(op_type=OP_TYPE, domain=DOMAIN, inputs=[PyCustomOpDef.dt_int8], outputs=[PyCustomOpDef.dt_int8],
-         attrs={"key": PyCustomOpDef.dt_string})
+@onnx_op(
+    op_type=OP_TYPE,
+    domain=DOMAIN,
+    inputs=[PyCustomOpDef.dt_int8],
+    outputs=[PyCustomOpDef.dt_int8],
+    attrs={"key": PyCustomOpDef.dt_string},
+)
 def _vta_conv(x: np.ndarray, key: str) -> np.ndarray:
     return _kernel(key)(x)
 
 
-@onnx_op(op_type=OP_TYPE_ADD, domain=DOMAIN, inputs=[PyCustomOpDef.dt_int8, PyCustomOpDef.dt_int8],
-         outputs=[PyCustomOpDef.dt_int8], attrs={"key": PyCustomOpDef.dt_string})
+@onnx_op(
+    op_type=OP_TYPE_ADD,
+    domain=DOMAIN,
+    inputs=[PyCustomOpDef.dt_int8, PyCustomOpDef.dt_int8],
+    outputs=[PyCustomOpDef.dt_int8],
+    attrs={"key": PyCustomOpDef.dt_string},
+)
 def _vta_conv_add(x: np.ndarray, residual: np.ndarray, key: str) -> np.ndarray:
     return _kernel(key)(x, residual)
 

@@ -32,8 +32,9 @@ _SESSION_IDS = itertools.count()
 def rewrite(model: onnx.ModelProto, compiled: CompiledModel, prefix: str) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of the model with each VTA conv (and its fused Add / Relu) as one int8 custom node.
 
-    Activations stay int8 between VTA convs; QuantizeLinear / DequantizeLinear (scale
-    ``2**-shift``, zero point 0) convert where a float operator produces or reads them.
+    Activations stay int8 and channels-last (as in VTA's NCHW1n16c DRAM layout) between VTA
+    convs; QuantizeLinear / DequantizeLinear (scale ``2**-shift``, zero point 0) and a
+    Transpose convert where a float NCHW operator produces or reads them.
     Returns the model and the keys of the kernels it registered.
     """
     rewritten = onnx.ModelProto()
@@ -57,10 +58,19 @@ def rewrite(model: onnx.ModelProto, compiled: CompiledModel, prefix: str) -> tup
     initializers.append(numpy_helper.from_array(np.array(0, np.int8), zero))
 
     def as_int8(tensor: str, shift: int) -> str:
+        """The channels-last int8 twin of a float NCHW tensor (quantized once, then transposed)."""
         if tensor not in int8:
-            int8[tensor] = f"{tensor}/int8"
-            nodes.append(helper.make_node("QuantizeLinear", [tensor, scale(shift), zero], [int8[tensor]],
-                                          name=f"{tensor}/quantize"))
+            int8[tensor] = f"{tensor}/int8_nhwc"
+            nodes.append(
+                helper.make_node(
+                    "QuantizeLinear", [tensor, scale(shift), zero], [f"{tensor}/int8"], name=f"{tensor}/quantize"
+                )
+            )
+            nodes.append(
+                helper.make_node(
+                    "Transpose", [f"{tensor}/int8"], [int8[tensor]], perm=[0, 2, 3, 1], name=f"{tensor}/to_nhwc"
+                )
+            )
         return int8[tensor]
 
     for name, node in zip(index.names, model.graph.node):
@@ -76,15 +86,32 @@ def rewrite(model: onnx.ModelProto, compiled: CompiledModel, prefix: str) -> tup
         inputs = [as_int8(site.input, site.input_shift)]
         if site.residual is not None:
             inputs.append(as_int8(site.residual, site.residual_input_shift))
-        int8[site.output] = f"{site.output}/int8"
+        int8[site.output] = f"{site.output}/int8_nhwc"
         op_type = ort_op.OP_TYPE_ADD if site.residual is not None else ort_op.OP_TYPE
-        nodes.append(helper.make_node(op_type, inputs, [int8[site.output]], name=f"{name}/vta", domain=ort_op.DOMAIN,
-                                      key=key))
-        float_readers = [i for i in index.consumers.get(site.output, [])
-                         if (index.names[i], site.output) not in int8_reads]
+        nodes.append(
+            helper.make_node(op_type, inputs, [int8[site.output]], name=f"{name}/vta", domain=ort_op.DOMAIN, key=key)
+        )
+        float_readers = [
+            i for i in index.consumers.get(site.output, []) if (index.names[i], site.output) not in int8_reads
+        ]
         if float_readers or site.output in index.graph_outputs:
-            nodes.append(helper.make_node("DequantizeLinear", [int8[site.output], scale(site.output_shift), zero],
-                                          [site.output], name=f"{site.output}/dequantize"))
+            nodes.append(
+                helper.make_node(
+                    "Transpose",
+                    [int8[site.output]],
+                    [f"{site.output}/int8"],
+                    perm=[0, 3, 1, 2],
+                    name=f"{site.output}/to_nchw",
+                )
+            )
+            nodes.append(
+                helper.make_node(
+                    "DequantizeLinear",
+                    [f"{site.output}/int8", scale(site.output_shift), zero],
+                    [site.output],
+                    name=f"{site.output}/dequantize",
+                )
+            )
     del rewritten.graph.node[:]
     rewritten.graph.node.extend(nodes)
     if not any(o.domain == ort_op.DOMAIN for o in rewritten.opset_import):

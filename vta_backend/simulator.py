@@ -197,24 +197,18 @@ def _int8_matmul() -> ort.InferenceSession:
 
 
 def _padded_items(program: Program, x: np.ndarray) -> np.ndarray:
-    """The NCHW int8 input zero-padded (space and channels), offset by 128 to uint8, as 16-byte
-    items ``[B, IT, Hp, Wp]``: one item is one input-channel tile at one pixel (NCHW1n16c)."""
+    """The NHWC int8 input zero-padded (space and channels to whole tiles), offset by 128 to uint8,
+    as 16-byte items ``[B, Hp, Wp, IT]``: one item is one input-channel tile at one pixel."""
     conv, g, c = program.conv, program.geometry, program.config
     top, left, bottom, right = conv.pads
     batch, hp, wp = x.shape[0], g.height + top + bottom, g.width + left + right
-    padded = np.empty((batch, g.ic_tiles, hp, wp, c.BLOCK_IN), np.uint8)
-    for frame in (np.s_[:, :, :top], np.s_[:, :, top + g.height :], np.s_[:, :, :, :left], np.s_[:, :, :, left + g.width :]):
+    padded = np.empty((batch, hp, wp, g.ic_tiles * c.BLOCK_IN), np.uint8)
+    for frame in (np.s_[:, :top], np.s_[:, top + g.height :], np.s_[:, :, :left], np.s_[:, :, left + g.width :]):
         padded[frame] = 128  # spatial padding: int8 zero
-    inside = padded[:, :, top : top + g.height, left : left + g.width]
-    full, rest = divmod(g.in_channels, c.BLOCK_IN)
-    source = x.view(np.uint8)
-    if full:
-        tiles = source[:, : full * c.BLOCK_IN].reshape(batch, full, c.BLOCK_IN, g.height, g.width)
-        np.bitwise_xor(tiles.transpose(0, 1, 3, 4, 2), 128, out=inside[:, :full])  # int8 + 128
-    if rest:
-        inside[:, full] = 128  # padding channels: int8 zero
-        np.bitwise_xor(source[:, full * c.BLOCK_IN :].transpose(0, 2, 3, 1), 128, out=inside[:, full, :, :, :rest])
-    return padded.view(np.dtype((np.void, c.BLOCK_IN)))[..., 0]
+    inside = padded[:, top : top + g.height, left : left + g.width]
+    inside[..., g.in_channels :] = 128  # channels padded to whole tiles: int8 zero
+    np.bitwise_xor(x.view(np.uint8), 128, out=inside[..., : g.in_channels])  # int8 + 128
+    return padded.view(np.dtype((np.void, c.BLOCK_IN)))
 
 
 def _accumulate(
@@ -237,7 +231,7 @@ def _accumulate(
     for j, (it, p) in enumerate(zip(its, positions)):  # strided copy of one tile column
         r, q = (p // g.kw) * dh, (p % g.kw) * dw
         gathered[..., j] = items[
-            images, it, r : r + (g.out_height - 1) * sh + 1 : sh, q : q + (g.out_width - 1) * sw + 1 : sw
+            images, r : r + (g.out_height - 1) * sh + 1 : sh, q : q + (g.out_width - 1) * sw + 1 : sw, it
         ]
     columns = gathered.view(np.uint8).reshape(pixels, -1)
     session = _int8_matmul()
@@ -255,10 +249,10 @@ def _check_residual(program: Program, residual: np.ndarray | None) -> None:
 
 
 def run_fast(program: Program, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
-    """The tile-level fast path: int8 ``[B, C, H, W]`` -> int8 ``[B, OC, OH, OW]``, bit-identical to
-    :func:`run_isa`; ``residual`` (int8, like the output) is the other operand of a fused Add.
+    """The tile-level fast path on channels-last int8 activations: ``[B, H, W, C]`` -> ``[B, OH, OW, OC]``,
+    bit-identical to :func:`run_isa`; ``residual`` (int8, like the output) is the other operand of a fused Add.
 
-    The input is laid out NCHW1n16c once, so one input-channel tile at one pixel is one 16-byte item and the kept
+    One input-channel tile at one pixel is one 16-byte item of the (padded) input, so the kept
     (ic tile, kernel position) columns of every output pixel are strided copies of 16-byte
     items. Output-channel tiles with the same kept set share those columns; each set
     multiplies them with its kept weight tiles in ONNX Runtime's integer GEMM (exact int32
@@ -270,20 +264,24 @@ def run_fast(program: Program, x: np.ndarray, residual: np.ndarray | None = None
     batch = x.shape[0]
     _check_residual(program, residual)
     items = _padded_items(program, x)
-    out = np.empty((batch, g.out_channels, g.out_height, g.out_width), np.int8)
+    out = np.empty((batch, g.out_height, g.out_width, g.out_channels), np.int8)
 
     def run(task: tuple[tuple[list[int], np.ndarray, np.ndarray, np.ndarray], slice]) -> None:
         (ots, its, positions, weights), images = task
         acc = _accumulate(program, items, images, its, positions, weights, len(ots) * c.BLOCK_OUT)
         count = images.stop - images.start
-        channels = np.concatenate([np.arange(ot * c.BLOCK_OUT, (ot + 1) * c.BLOCK_OUT) for ot in ots])
-        real = channels < g.out_channels  # lanes that are real output channels
         if residual is not None:  # the fused Add, aligned to the accumulator's scale
-            block = np.zeros((count, g.out_height, g.out_width, channels.size), np.int32)
-            block[..., real] = residual[images][:, channels[real]].transpose(0, 2, 3, 1)
-            block = block.reshape(acc.shape)
-            shifts = program.residual_shifts[ots].ravel()
-            np.add(acc, np.where(shifts >= 0, block << np.maximum(shifts, 0), block >> np.maximum(-shifts, 0)), out=acc)
+            lanes = acc.reshape(count, g.out_height, g.out_width, len(ots), c.BLOCK_OUT)
+            for j, ot in enumerate(ots):
+                low, high = ot * c.BLOCK_OUT, min((ot + 1) * c.BLOCK_OUT, g.out_channels)
+                block = residual[images, :, :, low:high]
+                align = program.residual_shifts[ot, : high - low]
+                if (align >= 0).all():
+                    block = np.left_shift(block, align, dtype=np.int32)
+                else:
+                    block = block.astype(np.int32)
+                    block = np.where(align >= 0, block << np.maximum(align, 0), block >> np.maximum(-align, 0))
+                np.add(lanes[..., j, : high - low], block, out=lanes[..., j, : high - low])
         result = requantize(
             acc,
             program.bias_with_rounding[ots].ravel(),
@@ -291,10 +289,10 @@ def run_fast(program: Program, x: np.ndarray, residual: np.ndarray | None = None
             program.conv.relu,
             channel_axis=-1,
         )
-        result = result.reshape(count, g.out_height, g.out_width, channels.size)
-        for j, ot in enumerate(ots):  # back to NCHW, dropping the padding lanes
+        result = result.reshape(count, g.out_height, g.out_width, len(ots) * c.BLOCK_OUT)
+        for j, ot in enumerate(ots):  # dropping the padding lanes
             low, high = ot * c.BLOCK_OUT, min((ot + 1) * c.BLOCK_OUT, g.out_channels)
-            out[images, low:high] = result[..., j * c.BLOCK_OUT : j * c.BLOCK_OUT + high - low].transpose(0, 3, 1, 2)
+            out[images, :, :, low:high] = result[..., j * c.BLOCK_OUT : j * c.BLOCK_OUT + high - low]
 
     groups = program.tile_groups
     chunks = max(-(-batch // IMAGES_PER_TASK), 2 if len(groups) == 1 and batch > 1 else 1)
