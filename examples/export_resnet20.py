@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import onnx
@@ -110,7 +111,8 @@ def torch_accuracy(model: nn.Module, data_dir: Path, limit: int | None, batch: i
 
 def export(model: ResNet20, output: Path) -> None:
     model.fold_batch_norm()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and constant-folding notes
         raw = Path(tmp) / "resnet20.onnx"
         torch.onnx.export(
             model,

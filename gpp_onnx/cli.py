@@ -321,7 +321,7 @@ def run(
     ] = "percentile",
     calibration_images: Annotated[
         int, typer.Option("--calibration-images", help="Train images to calibrate on.")
-    ] = 1000,
+    ] = 5000,
     per_tensor: Annotated[
         bool, typer.Option("--per-tensor", help="One weight scale per conv (default: per channel).")
     ] = False,

@@ -35,7 +35,7 @@ class RunOptions:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     calibration_method: str = "percentile"
-    calibration_images: int = 1000
+    calibration_images: int = 5000
     per_channel: bool = True
     baseline: Path | None = None
     vta_config: object | None = None  # a vta_backend.VTAConfig

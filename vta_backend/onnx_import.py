@@ -20,7 +20,7 @@ from gpp_onnx.annotation import read_annotation, validate_annotation
 from gpp_onnx.errors import UserError
 from gpp_onnx.weights import GraphIndex, find_layers, node_attribute
 from vta_backend.config import VTAConfig
-from vta_backend.quant import QuantConv, quantize, shift_for
+from vta_backend.quant import QuantConv, quantize, weight_shifts
 
 DEFAULT_ACTIVATION_SHIFT = 4  # int8 activations with scale 2**-4 (range +-8) when none are given
 
@@ -162,8 +162,7 @@ def extract_convs(
         s_in = shifts.get(node.input[0], default_shift)
         s_out = shifts.get(fused.output, default_shift)
         weights = layer.stored.values.astype(np.float32)
-        max_abs = np.abs(weights).reshape(weights.shape[0], -1).max(axis=1) if per_channel else np.abs(weights).max()
-        s_w = shift_for(max_abs)
+        s_w = weight_shifts(weights, per_channel)
         q = quantize(weights, s_w.reshape(-1, 1, 1, 1) if per_channel else int(s_w))
         bias = None
         if len(node.input) > 2 and node.input[2]:

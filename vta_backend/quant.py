@@ -38,6 +38,20 @@ def shift_for(max_abs: float | np.ndarray, limit: int = 24) -> np.ndarray:
     return np.clip(np.where(max_abs > 0, shift, limit), -limit, limit)
 
 
+def weight_shifts(weights: np.ndarray, per_channel: bool) -> np.ndarray:
+    """Power-of-two shifts for a weight (one, or one per output channel along axis 0).
+
+    Of ``shift_for(max |w|)`` (never clips) and one finer (clips the largest weights), the one
+    with the lower squared quantization error of these very weights."""
+    groups = weights.reshape(weights.shape[0] if per_channel else 1, -1).astype(np.float64)
+    coarse = shift_for(np.abs(groups).max(axis=1))
+    candidates = np.stack([coarse, coarse + 1])
+    errors = np.stack([((dequantize(quantize(groups, s[:, None]), s[:, None]) - groups) ** 2).sum(axis=1)
+                       for s in candidates])
+    best = candidates[np.argmin(errors, axis=0), np.arange(groups.shape[0])]
+    return best if per_channel else best.reshape(())
+
+
 def quantize(x: np.ndarray, shift: int | np.ndarray) -> np.ndarray:
     """Round ``x * 2**shift`` to the nearest integer (half away from zero) and clip to int8 [-127, 127]."""
     scaled = np.asarray(x, np.float64) * np.exp2(shift)
