@@ -43,11 +43,15 @@ class Dataset:
     root: Path
 
     def describe(self) -> str:
-        return {
+        """What the data are, saying so when the images are JPEG (lossy: pixels differ from the release)."""
+        kind = {
             "pickle": "CIFAR-10 python pickle release",
             "binary": "CIFAR-10 binary release",
             "folder": "image folders",
-        }[self.layout] + f" at {self.root}"
+        }[self.layout]
+        if self.layout == "folder" and next(self.root.glob("*/*/*.jp*g"), None) is not None:
+            kind += " of JPEG files (recompressed: pixels differ from the official release)"
+        return f"{kind} at {self.root}"
 
 
 def _split_files(root: Path, split: str, suffix: str) -> list[Path]:

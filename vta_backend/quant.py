@@ -46,8 +46,9 @@ def weight_shifts(weights: np.ndarray, per_channel: bool) -> np.ndarray:
     groups = weights.reshape(weights.shape[0] if per_channel else 1, -1).astype(np.float64)
     coarse = shift_for(np.abs(groups).max(axis=1))
     candidates = np.stack([coarse, coarse + 1])
-    errors = np.stack([((dequantize(quantize(groups, s[:, None]), s[:, None]) - groups) ** 2).sum(axis=1)
-                       for s in candidates])
+    errors = np.stack(
+        [((dequantize(quantize(groups, s[:, None]), s[:, None]) - groups) ** 2).sum(axis=1) for s in candidates]
+    )
     best = candidates[np.argmin(errors, axis=0), np.arange(groups.shape[0])]
     return best if per_channel else best.reshape(())
 
