@@ -20,7 +20,7 @@ from gpp_onnx import data
 from gpp_onnx.annotation import read_annotation, validate_annotation
 from gpp_onnx.errors import UserError
 from gpp_onnx.model_io import LoadedModel, load_model
-from gpp_onnx.normalization import read_normalization
+from gpp_onnx.normalization import normalization_for
 
 BACKENDS = ("ort", "vta")
 Track = Callable[[Iterable, str, int], Iterable]
@@ -112,11 +112,7 @@ def evaluate(model_path: Path, data_path: Path, options: RunOptions, track: Trac
     if annotation is not None:
         validate_annotation(loaded.model, annotation)
     dataset = data.locate(data_path)
-    stored = read_normalization(loaded.model)
-    mean = options.mean or (stored[0] if stored else data.IMAGENET_MEAN)
-    std = options.std or (stored[1] if stored else data.IMAGENET_STD)
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise UserError("--mean and --std take three values each (std above 0), e.g. 0.485,0.456,0.406")
+    mean, std = normalization_for(loaded.model, options.mean, options.std)
 
     reference = _Tally()
     reference_session = _ort_session(loaded.model)

@@ -29,3 +29,17 @@ def read_normalization(model: onnx.ModelProto) -> tuple[tuple[float, ...], tuple
             except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                 raise UserError(f"metadata entry {NORMALIZATION_KEY} is malformed; pass --mean and --std") from None
     return None
+
+
+def normalization_for(
+    model: onnx.ModelProto, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The given mean / std, else the model's stored ones, else the ImageNet-style CIFAR-10 defaults."""
+    from gpp_onnx.data import IMAGENET_MEAN, IMAGENET_STD
+
+    stored = read_normalization(model)
+    mean = mean or (stored[0] if stored else IMAGENET_MEAN)
+    std = std or (stored[1] if stored else IMAGENET_STD)
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise UserError("--mean and --std take three values each (std above 0), e.g. 0.485,0.456,0.406")
+    return tuple(mean), tuple(std)

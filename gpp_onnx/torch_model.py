@@ -1,0 +1,121 @@
+"""ONNX model <-> trainable torch module (onnx2torch), with the pruned weights frozen at zero.
+
+torch and onnx2torch are the optional ``train`` extra. Trained values go back into the
+ONNX model's own initializers, so the graph, the sparse-tile annotation and all metadata
+stay exactly as they were.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from gpp_onnx.annotation import read_annotation
+from gpp_onnx.errors import UserError
+
+INSTALL_HINT = "fine-tuning needs torch and onnx2torch: pip install -e '.[train]' (torch==2.13.0, the CPU build)"
+
+
+def _torchvision_stand_in() -> None:
+    """onnx2torch imports torchvision for its NMS and RoiAlign converters only. PyPI's torchvision
+    does not load beside the CPU build of torch (``operator torchvision::nms does not exist``), so
+    when it fails, a stand-in that refuses just those two ops takes its place."""
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+
+    def unavailable(*args: object, **kwargs: object) -> None:
+        raise UserError("this model uses NMS or RoiAlign, which need a working torchvision")
+
+    ops = types.ModuleType("torchvision.ops")
+    ops.nms = ops.box_convert = ops.roi_align = unavailable  # type: ignore[attr-defined]
+    stand_in = types.ModuleType("torchvision")
+    stand_in.ops = ops  # type: ignore[attr-defined]
+    sys.modules.update({"torchvision": stand_in, "torchvision.ops": ops})
+
+
+def import_training():
+    """``(torch, onnx2torch)``, or a UserError saying what to install."""
+    try:
+        import torch
+    except ImportError:
+        raise UserError(INSTALL_HINT) from None
+    try:
+        import onnx2torch
+    except ImportError as exc:
+        if "onnx2torch" in str(exc):
+            raise UserError(INSTALL_HINT) from None
+        _torchvision_stand_in()
+        import onnx2torch
+    except RuntimeError:
+        _torchvision_stand_in()
+        import onnx2torch
+    return torch, onnx2torch
+
+
+@dataclass
+class Trainable:
+    """A torch module converted from an ONNX model, with the way back to its initializers."""
+
+    module: object  # torch.nn.Module
+    parameters: dict[str, tuple[object, bool]] = field(default_factory=dict)  # initializer -> (param, transposed)
+    frozen: dict[str, object] = field(default_factory=dict)  # initializer -> bool mask of weights kept at zero
+
+    def apply_masks(self) -> None:
+        """Put the frozen weights back to exactly zero (after an optimizer step)."""
+        import torch
+
+        with torch.no_grad():
+            for name, mask in self.frozen.items():
+                self.parameters[name][0].masked_fill_(mask, 0.0)
+
+    def write_back(self, model: onnx.ModelProto) -> None:
+        """Copy the trained values into the model's float initializers of the same names."""
+        initializers = {t.name: t for t in model.graph.initializer}
+        for name, (param, transposed) in self.parameters.items():
+            tensor = initializers[name]
+            value = param.detach().cpu().numpy()
+            value = value.T if transposed else value
+            dtype = numpy_helper.to_array(tensor).dtype
+            tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value).astype(dtype), name))
+
+
+def to_trainable(model: onnx.ModelProto) -> Trainable:
+    """Convert with onnx2torch; map every Conv / Gemm weight and bias back to its initializer.
+
+    In the layers the annotation lists as pruned, every weight that is zero (all of the
+    pruned tiles) is frozen at zero.
+    """
+    torch, onnx2torch = import_training()
+    try:
+        module = onnx2torch.convert(model, attach_onnx_mapping=True)
+    except Exception as exc:  # onnx2torch raises NotImplementedError and others for ops it lacks
+        raise UserError(f"onnx2torch cannot convert this model ({str(exc).splitlines()[0][:200]})") from None
+    initializers = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {out: node for node in model.graph.node for out in node.output}
+    trainable = Trainable(module)
+    for sub in module.modules():
+        mapping = getattr(sub, "onnx_mapping", None)
+        node = producers.get(mapping.outputs[0]) if mapping is not None and mapping.outputs else None
+        if node is None:
+            continue
+        for index, attr in ((1, "weight"), (2, "bias")):  # Conv / Gemm: the weight and bias inputs
+            param = getattr(sub, attr, None)
+            if len(node.input) <= index or not isinstance(param, torch.nn.Parameter):
+                continue
+            name = node.input[index]
+            original = initializers.get(name)
+            if original is None or original.dtype.kind != "f":
+                continue
+            transposed = tuple(param.shape) != original.shape and tuple(param.shape[::-1]) == original.shape
+            trainable.parameters[name] = (param, transposed)
+    annotation = read_annotation(model)
+    for entry in annotation.weights if annotation else []:
+        if entry.weight in trainable.parameters:
+            param, _ = trainable.parameters[entry.weight]
+            trainable.frozen[entry.weight] = param.detach() == 0
+    return trainable
