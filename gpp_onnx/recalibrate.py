@@ -128,3 +128,21 @@ def _set_bias(
     while len(node.input) < 3:
         node.input.append("")
     node.input[2] = name
+
+
+def recalibrate_from_data(
+    pruned: onnx.ModelProto,
+    dense: onnx.ModelProto,
+    data_path,
+    images: int = 2000,
+    track: Track = lambda items, description, total: items,
+) -> onnx.ModelProto:
+    """:func:`recalibrate` with the input name and normalisation taken from the dense model."""
+    from gpp_onnx.evaluate import image_input
+    from gpp_onnx.normalization import normalization_for
+
+    mean, std = normalization_for(dense)
+    result, _ = recalibrate(
+        pruned, dense, image_input(dense)[0], data.locate(data_path), mean, std, images, track=track
+    )
+    return result

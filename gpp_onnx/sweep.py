@@ -76,13 +76,11 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 def run_point(model_path: str, data_path: str, out_dir: str, pattern: str, sparsity: float, options: dict) -> dict:
     """One sweep point (in a worker process); never raises: failures go into the row's ``error``."""
-    from gpp_onnx import data
-    from gpp_onnx.evaluate import RunOptions, evaluate, image_input
+    from gpp_onnx.evaluate import RunOptions, evaluate
     from gpp_onnx.finetune import FinetuneOptions, finetune
     from gpp_onnx.model_io import load_model, save_model
-    from gpp_onnx.normalization import normalization_for
     from gpp_onnx.pruner import prune
-    from gpp_onnx.recalibrate import recalibrate
+    from gpp_onnx.recalibrate import recalibrate_from_data
 
     opts = SweepOptions(**options)
     row = {"pattern": pattern, "sparsity_target": sparsity, "epochs": opts.epochs}
@@ -95,10 +93,7 @@ def run_point(model_path: str, data_path: str, out_dir: str, pattern: str, spars
         save_model(pruned, folder / "pruned.onnx", external_data=False)
         evaluation = RunOptions(backend="ort", limit=opts.eval_limit)
         row["accuracy_before_ort"] = evaluate(folder / "pruned.onnx", Path(data_path), evaluation)["accuracy"]
-        mean, std = normalization_for(dense)
-        recalibrated, _ = recalibrate(
-            pruned, dense, image_input(dense)[0], data.locate(data_path), mean, std, opts.recalibration_images
-        )
+        recalibrated = recalibrate_from_data(pruned, dense, data_path, opts.recalibration_images)
         save_model(recalibrated, folder / "recalibrated.onnx", external_data=False)
         row["accuracy_recalibrated_ort"] = evaluate(folder / "recalibrated.onnx", Path(data_path), evaluation)[
             "accuracy"
