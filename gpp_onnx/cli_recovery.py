@@ -72,9 +72,9 @@ def finetune(
         Optional[Path], typer.Option("--output", "-o", help="Output model [default: MODEL-ft.onnx].")
     ] = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the train split.")] = 3,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (SGD, momentum 0.9, wd 1e-4).")] = 0.002,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (SGD, momentum 0.9, wd 1e-4).")] = 0.01,
     batch: Annotated[int, typer.Option("--batch", help="Images per step.")] = 128,
-    schedule: Annotated[str, typer.Option("--schedule", help="cosine or onecycle.")] = "cosine",
+    schedule: Annotated[str, typer.Option("--schedule", help="onecycle or cosine.")] = "onecycle",
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda [default: cuda if available].")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT.ckpt.")] = False,

@@ -36,11 +36,11 @@ StepCallback = Callable[[int, int, int, float, float], None]  # epoch, step, ste
 @dataclass
 class FinetuneOptions:
     epochs: int = 3
-    lr: float = 0.002  # BN is folded into the convs: larger rates diverge
+    lr: float = 0.01  # peak of the one-cycle schedule; BN is folded into the convs, so no large constant rates
     batch: int = 128
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    schedule: str = "cosine"
+    schedule: str = "onecycle"
     device: str | None = None  # cuda when available
     seed: int = 0
     resume: bool = False

@@ -47,7 +47,7 @@ class SweepOptions:
     recalibration_images: int = 2000
     calibration_images: int = 2000
     eval_limit: int | None = None
-    lr: float = 0.002
+    lr: float = 0.01
     workers: int = 1
 
 

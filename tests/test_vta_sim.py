@@ -187,3 +187,24 @@ def test_accumulator_wraps_at_32_bits():
     layer = VtaConv.compile(conv, x.shape[1:], CONFIG)
     np.testing.assert_array_equal(layer.run(x, "isa"), expected)
     np.testing.assert_array_equal(layer.run(x, "fast"), expected)
+
+
+def test_an_all_zero_channel_keeps_a_scale_its_bias_fits():
+    from vta_backend.quant import weight_shifts
+
+    w = np.random.default_rng(3).standard_normal((32, 16, 3, 3)).astype(np.float32)
+    w[5] = 0  # a fully pruned output channel
+    shifts = weight_shifts(w, per_channel=True)
+    assert shifts[5] == shifts[np.arange(32) != 5].min()  # not the 24 of an empty range
+
+    from vta_backend.quant import dequantize, quantize, shift_for
+
+    channel = np.random.default_rng(4).uniform(-0.99, 0.99, (16, 3, 3)).astype(np.float32)
+    channel[0, 0, 0] = 1.02  # just past 127/128: clipping this one weight beats doubling every step
+
+    def error(shift: int) -> float:
+        return float(((dequantize(quantize(channel, shift), shift) - channel) ** 2).sum())
+
+    chosen = int(weight_shifts(channel[None], per_channel=False))
+    assert chosen == int(shift_for(np.abs(channel).max())) + 1
+    assert error(chosen) < error(chosen - 1)

@@ -32,7 +32,7 @@ def plain_epoch(model: onnx.ModelProto, x, y, batch: int) -> float:
     torch, _ = import_training()
     module = to_trainable(model).module
     module.train()
-    optimizer = torch.optim.SGD(module.parameters(), lr=0.002, momentum=0.9, weight_decay=1e-4)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     start = time.perf_counter()
     for i in range(0, len(y), batch):
         optimizer.zero_grad(set_to_none=True)

@@ -42,9 +42,13 @@ def weight_shifts(weights: np.ndarray, per_channel: bool) -> np.ndarray:
     """Power-of-two shifts for a weight (one, or one per output channel along axis 0).
 
     Of ``shift_for(max |w|)`` (never clips) and one finer (clips the largest weights), the one
-    with the lower squared quantization error of these very weights."""
+    with the lower squared quantization error of these very weights. An all-zero channel takes
+    the coarsest shift of the layer, so that its bias, scaled by ``2**(s_in + s_w)``, fits int32."""
     groups = weights.reshape(weights.shape[0] if per_channel else 1, -1).astype(np.float64)
-    coarse = shift_for(np.abs(groups).max(axis=1))
+    max_abs = np.abs(groups).max(axis=1)
+    coarse = shift_for(max_abs)
+    if (max_abs == 0).any():  # an all-zero (fully pruned) channel: any scale is exact; take the layer's
+        coarse[max_abs == 0] = coarse[max_abs > 0].min() if (max_abs > 0).any() else 0  # so its bias still fits
     candidates = np.stack([coarse, coarse + 1])
     errors = np.stack(
         [((dequantize(quantize(groups, s[:, None]), s[:, None]) - groups) ** 2).sum(axis=1) for s in candidates]
