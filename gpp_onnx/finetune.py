@@ -30,6 +30,7 @@ from gpp_onnx.normalization import normalization_for
 from gpp_onnx.torch_model import Trainable, import_training, to_trainable
 
 SCHEDULES = ("cosine", "onecycle")
+MAX_GRAD_NORM = 10.0
 StepCallback = Callable[[int, int, int, float, float], None]  # epoch, step, steps, loss, accuracy
 
 
@@ -114,6 +115,10 @@ class _Trainer:
     device: str
     history: list
 
+    @property
+    def params(self) -> list:
+        return [p for p, _ in self.trainable.parameters.values()]
+
     def epoch(self, epoch: int, on_step: StepCallback) -> None:
         torch, options, module = self.torch, self.options, self.trainable.module
         rng = np.random.default_rng([options.seed, epoch])
@@ -130,6 +135,9 @@ class _Trainer:
             logits = module(x)
             loss = torch.nn.functional.cross_entropy(logits, y)
             loss.backward()
+            if not torch.isfinite(loss):
+                raise UserError(f"training diverged (loss {float(loss)}) in epoch {epoch + 1}; lower --lr")
+            torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)  # BN is folded: no layer rescales the steps
             self.optimizer.step()
             self.schedule.step()
             self.trainable.apply_masks()
