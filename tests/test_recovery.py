@@ -251,3 +251,11 @@ def test_a_failing_point_is_reported_and_the_others_go_on(capsys, dense_path, da
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all("no prunable layer" in r["error"] for r in rows)
+
+
+def test_a_diverging_run_stops_with_a_clear_error(pruned_path, data_dir, tmp_path):
+    from gpp_onnx.finetune import FinetuneOptions, finetune
+
+    with pytest.raises(UserError, match="training diverged .* lower --lr"):
+        finetune(pruned_path, data_dir, tmp_path / "x.onnx", FinetuneOptions(epochs=3, batch=8, lr=1e12))
+    assert not (tmp_path / "x.onnx").exists()
