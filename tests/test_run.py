@@ -206,3 +206,11 @@ def test_run_bad_input(capsys, model_path, data_dir, tmp_path, case, expected):
     code, stdout, stderr = run_cli(capsys, "run", str(model), "--data", str(folder), *extra)
     assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
     assert expected in stderr and "Traceback" not in stdout + stderr
+
+
+def test_a_dead_activation_gets_a_bounded_scale():
+    from vta_backend.calibration import MAX_ACTIVATION_SHIFT, power_of_two_shift
+
+    assert power_of_two_shift(0.0, None) == MAX_ACTIVATION_SHIFT  # zero on every calibration image
+    assert power_of_two_shift(1e-6, None) == MAX_ACTIVATION_SHIFT
+    assert power_of_two_shift(1.0, None) == 6  # 127 / 2**6 covers 1.0

@@ -31,7 +31,11 @@ METHODS = {
     "percentile": CalibrationMethod.Percentile,
     "entropy": CalibrationMethod.Entropy,
 }
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+# The finest activation scale used. An activation that was (nearly) zero on every calibration
+# image would otherwise get a huge shift, and the bias and residual of the next conv, scaled
+# by 2**(s_in + s_w), would overflow the int32 accumulator.
+MAX_ACTIVATION_SHIFT = 12
 
 
 class _Reader(CalibrationDataReader):
@@ -110,9 +114,10 @@ def calibrate(
 def power_of_two_shift(calibrated_range: float, histogram: tuple | None) -> int:
     """The shift for a calibrated range: ``floor(log2(127 / range))``, which never clips the range,
     or one finer when the histogram says that has the lower quantization error (rounding error
-    of a finer step against clipping the values above the smaller range)."""
-    coarse = int(shift_for(calibrated_range))
-    if histogram is None or calibrated_range <= 0:
+    of a finer step against clipping the values above the smaller range); never above
+    ``MAX_ACTIVATION_SHIFT``."""
+    coarse = min(int(shift_for(calibrated_range)), MAX_ACTIVATION_SHIFT)
+    if histogram is None or calibrated_range <= 0 or coarse == MAX_ACTIVATION_SHIFT:
         return coarse
     counts, edges = np.asarray(histogram[0], np.float64), np.asarray(histogram[1], np.float64)
     magnitude = np.abs((edges[:-1] + edges[1:]) / 2)
