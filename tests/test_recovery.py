@@ -11,8 +11,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 from test_cli import run_cli
-from test_data import write_pickle
-from test_run import tiny_cnn
+from test_run import data_dir, model_path, tiny_cnn  # noqa: F401 (fixtures)
 
 import gpp_onnx
 from gpp_onnx import UserError, data
@@ -21,15 +20,8 @@ from gpp_onnx.recalibrate import _channel_stats, recalibrate
 
 
 @pytest.fixture
-def data_dir(tmp_path) -> Path:
-    return write_pickle(tmp_path / "cifar", str_keys=False)
-
-
-@pytest.fixture
-def dense_path(tmp_path) -> Path:
-    path = tmp_path / "dense.onnx"
-    onnx.save(tiny_cnn(), path)
-    return path
+def dense_path(model_path) -> Path:
+    return model_path
 
 
 @pytest.fixture
