@@ -77,3 +77,21 @@ def weight(model: onnx.ModelProto, name: str) -> np.ndarray:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    """A tiny CNN (first conv, two convs with bias / Relu / residual Add, GAP, FC) saved as a file."""
+    from test_run import tiny_cnn
+
+    path = tmp_path / "tiny.onnx"
+    onnx.save(tiny_cnn(), path)
+    return path
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """25 CIFAR-10-shaped images in the python-pickle layout (test and one train batch)."""
+    from test_data import write_pickle
+
+    return write_pickle(tmp_path / "cifar", str_keys=False)

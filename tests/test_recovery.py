@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 from test_cli import run_cli
-from test_run import data_dir, model_path, tiny_cnn  # noqa: F401 (fixtures)
+from test_run import tiny_cnn
 
 import gpp_onnx
 from gpp_onnx import UserError, data

@@ -61,18 +61,6 @@ def tiny_cnn(seed: int = 0) -> onnx.ModelProto:
     return model
 
 
-@pytest.fixture
-def model_path(tmp_path) -> Path:
-    path = tmp_path / "tiny.onnx"
-    onnx.save(tiny_cnn(), path)
-    return path
-
-
-@pytest.fixture
-def data_dir(tmp_path) -> Path:
-    return write_pickle(tmp_path / "cifar", str_keys=False)
-
-
 def test_vta_session_behaves_like_an_inference_session(model_path, data_dir):
     dataset = data.locate(data_dir)
     shifts, cached = calibrate(model_path, "input", dataset, data.IMAGENET_MEAN, data.IMAGENET_STD, "minmax", 25)
