@@ -147,8 +147,14 @@ def _write_cache(model_path: Path, key: dict, shifts: dict[str, int]) -> None:
     path = cache_path(model_path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError:
+        return
+    try:
         with os.fdopen(fd, "w") as f:
             json.dump({"key": key, "shifts": shifts}, f, indent=1, sort_keys=True)
         os.replace(tmp, path)
     except OSError:
         pass
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
