@@ -19,7 +19,7 @@ import onnxruntime as ort
 from gpp_onnx import data
 from gpp_onnx.annotation import read_annotation, validate_annotation
 from gpp_onnx.errors import UserError
-from gpp_onnx.model_io import LoadedModel, load_model
+from gpp_onnx.model_io import LoadedModel, load_model, single_input
 from gpp_onnx.normalization import normalization_for
 
 BACKENDS = ("ort", "vta")
@@ -71,10 +71,7 @@ class _Tally:
 
 def image_input(model: onnx.ModelProto) -> tuple[str, list[int | str]]:
     """The model's image input: its name and shape; anything but one float NCHW input is an error."""
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise UserError(f"the model has {len(inputs)} inputs; gpp-onnx run expects one image input [N, 3, H, W]")
+    inputs = [single_input(model, "gpp-onnx run expects one image input [N, 3, H, W]")]
     tensor = inputs[0].type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim]
     if tensor.elem_type != onnx.TensorProto.FLOAT or len(dims) != 4:

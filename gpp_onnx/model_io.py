@@ -162,3 +162,12 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike[str], external_
         raise UserError(f"cannot write {out} ({exc.strerror or exc}); choose a writable location") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def single_input(model: onnx.ModelProto, purpose: str) -> onnx.ValueInfoProto:
+    """The model's one data input (initializers listed as inputs do not count); ``purpose`` ends the error."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise UserError(f"the model has {len(inputs)} inputs; {purpose}")
+    return inputs[0]

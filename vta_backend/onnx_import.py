@@ -18,6 +18,7 @@ import onnxruntime as ort
 
 from gpp_onnx.annotation import read_annotation, validate_annotation
 from gpp_onnx.errors import UserError
+from gpp_onnx.model_io import single_input
 from gpp_onnx.weights import GraphIndex, find_layers, node_attribute
 from vta_backend.config import VTAConfig
 from vta_backend.quant import QuantConv, quantize, weight_shifts
@@ -77,11 +78,7 @@ def static_shapes(
 
 
 def _image_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise UserError(f"the model has {len(inputs)} inputs; VTA compilation expects one image input")
-    return inputs
+    return [single_input(model, "VTA compilation expects one image input")]
 
 
 def _measured_shapes(
