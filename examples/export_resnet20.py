@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import gpp_onnx
-from gpp_onnx import data
+from gpp_app import data
 from gpp_onnx.normalization import write_normalization
 
 REPO = Path(__file__).resolve().parents[1]

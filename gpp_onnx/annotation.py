@@ -63,9 +63,11 @@ class WeightAnnotation:
 
     @property
     def name(self) -> str:
+        """The consuming node names, comma-joined."""
         return ",".join(self.nodes)
 
     def to_dict(self) -> dict[str, object]:
+        """The entry's JSON form (docs/annotation.md)."""
         g, ot, it, p = self.kept.shape
         return {
             "nodes": self.nodes,
@@ -84,6 +86,7 @@ class WeightAnnotation:
 
     @classmethod
     def from_dict(cls, data: dict) -> "WeightAnnotation":
+        """Read an entry; raises KeyError, TypeError or ValueError when it is malformed."""
         grid = (int(data["groups"]), int(data["oc_tiles"]), int(data["ic_tiles"]), int(data["kernel_positions"]))
         if min(grid) < 1:
             raise ValueError(f"tile grid {grid} has an empty axis")
@@ -102,12 +105,15 @@ class WeightAnnotation:
 
 @dataclass
 class SkippedLayer:
+    """A layer the pruner left dense, and why."""
+
     nodes: list[str]
     weight: str
     reason: str
 
     @property
     def name(self) -> str:
+        """The consuming node names, comma-joined."""
         return ",".join(self.nodes)
 
 
@@ -125,9 +131,11 @@ class Annotation:
     skipped: list[SkippedLayer] = field(default_factory=list)
 
     def for_weight(self, name: str) -> WeightAnnotation | None:
+        """The entry of a weight, or None when the annotation does not list it."""
         return next((w for w in self.weights if w.weight == name), None)
 
     def to_json(self) -> str:
+        """The versioned JSON document stored in the model's metadata."""
         doc = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -145,6 +153,7 @@ class Annotation:
 
     @classmethod
     def from_json(cls, text: str) -> "Annotation":
+        """Parse the JSON document; AnnotationError (naming the layer where it can) when it is malformed."""
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -197,7 +206,7 @@ def read_annotation(model: onnx.ModelProto) -> Annotation | None:
     return None
 
 
-def kept_tiles(layer: Layer, tile: TileShape) -> np.ndarray:
+def nonzero_tiles(layer: Layer, tile: TileShape) -> np.ndarray:
     """Which tiles of a layer's current weights hold a nonzero: bool ``[G, OT, IT, P]``."""
     assert layer.stored is not None
     nonzero = canonical(layer.stored.nonzero(), layer)
@@ -230,13 +239,42 @@ def validate_annotation(model: onnx.ModelProto, annotation: Annotation) -> dict[
                 f"layer {entry.name}: tile grid {entry.kept.shape} does not match {grid} "
                 f"for tile {annotation.tile}; re-run gpp-onnx prune"
             )
-        violated = np.argwhere(kept_tiles(layer, annotation.tile) & ~entry.kept)
-        if violated.size:
-            g, ot, it, p = (int(v) for v in violated[0])
-            raise AnnotationError(
-                f"layer {entry.name}: {len(violated)} tile(s) marked pruned hold nonzero weights "
-                f"(first: group {g}, oc_tile {ot}, ic_tile {it}, position {p}); "
-                "re-run gpp-onnx prune after changing weights"
-            )
+        check_pruned_tiles_are_zero(entry.name, nonzero_tiles(layer, annotation.tile), entry.kept)
         found[entry.weight] = layer
     return found
+
+
+def check_pruned_tiles_are_zero(layer_name: str, nonzero: np.ndarray, kept: np.ndarray) -> None:
+    """Raise AnnotationError naming the layer when a tile marked pruned holds a nonzero weight.
+
+    ``nonzero`` and ``kept`` are bool tile maps of the same shape ``[G, OT, IT, P]``.
+    """
+    violated = np.argwhere(nonzero & ~kept)
+    if violated.size:
+        g, ot, it, p = (int(v) for v in violated[0])
+        raise AnnotationError(
+            f"layer {layer_name}: {len(violated)} tile(s) marked pruned hold nonzero weights "
+            f"(first: group {g}, oc_tile {ot}, ic_tile {it}, position {p}); "
+            "re-run gpp-onnx prune after changing weights"
+        )
+
+
+@dataclass(frozen=True)
+class KeptTiles:
+    """A validated annotation as a backend needs it: the tile shape and each pruned weight's kept-tile map."""
+
+    tile: TileShape
+    maps: dict[str, np.ndarray]  # weight name -> bool [groups, oc_tiles, ic_tiles, kernel_positions]
+
+    def for_weight(self, weight: str) -> np.ndarray | None:
+        """The kept-tile map of a weight, or None when the annotation does not list it (dense)."""
+        return self.maps.get(weight)
+
+
+def read_kept_tiles(model: onnx.ModelProto) -> KeptTiles | None:
+    """Read and validate the model's annotation once; None when it has none."""
+    annotation = read_annotation(model)
+    if annotation is None:
+        return None
+    validate_annotation(model, annotation)
+    return KeptTiles(annotation.tile, {entry.weight: entry.kept for entry in annotation.weights})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from gpp_onnx.errors import UserError
+from gpp_onnx.files import publish, staging_folder
 
 # Protobuf cannot serialise a message of 2 GiB or more; such models need external data.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -20,6 +20,8 @@ PROTOBUF_LIMIT = 2**31 - 1
 
 @dataclass
 class LoadedModel:
+    """A model as loaded from a file (or taken as given), and whether it used external data."""
+
     model: onnx.ModelProto
     path: Path | None
     had_external_data: bool
@@ -131,37 +133,25 @@ def check_output_path(output: str | os.PathLike[str], inputs: list[Path]) -> Pat
 def save_model(model: onnx.ModelProto, output: str | os.PathLike[str], external_data: bool) -> None:
     """Write ``model`` atomically; with ``external_data`` (or above 2 GiB) as ``OUT`` + ``OUT.data``.
 
-    Everything goes to a temporary folder beside the output first and is renamed into
+    Everything goes to a temporary folder beside the output first and is moved into
     place, so a failure never leaves a half-written file.
     """
     out = Path(output)
     external_data = external_data or _too_big(model)
-    try:
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as exc:
-        raise UserError(f"cannot write {out} ({exc.strerror or exc}); choose a writable location") from None
-    try:
+    with staging_folder(out) as tmp_dir:
         tmp_model = tmp_dir / out.name
         if external_data:
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
             onnx.save_model(
-                copy,
-                tmp_model,
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=out.name + ".data",
+                copy, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True, location=out.name + ".data"
             )
             data = tmp_dir / (out.name + ".data")
             if data.exists():
-                os.replace(data, out.parent / data.name)
+                publish(data, out.parent / data.name)
         else:
             onnx.save_model(model, tmp_model)
-        os.replace(tmp_model, out)
-    except OSError as exc:
-        raise UserError(f"cannot write {out} ({exc.strerror or exc}); choose a writable location") from None
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        publish(tmp_model, out)
 
 
 def single_input(model: onnx.ModelProto, purpose: str) -> onnx.ValueInfoProto:
@@ -171,3 +161,18 @@ def single_input(model: onnx.ModelProto, purpose: str) -> onnx.ValueInfoProto:
     if len(inputs) != 1:
         raise UserError(f"the model has {len(inputs)} inputs; {purpose}")
     return inputs[0]
+
+
+def image_input(
+    model: onnx.ModelProto, purpose: str = "gpp-onnx expects one image input [N, C, H, W]"
+) -> tuple[str, list]:
+    """The model's image input: its name and dims (int, or the symbolic name); one float NCHW input, else an error."""
+    tensor_input = single_input(model, purpose)
+    tensor = tensor_input.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim]
+    if tensor.elem_type != onnx.TensorProto.FLOAT or len(dims) != 4:
+        raise UserError(
+            f"input '{tensor_input.name}' is not an image tensor (float [N, C, H, W]); got "
+            f"{onnx.TensorProto.DataType.Name(tensor.elem_type)} {dims}"
+        )
+    return tensor_input.name, dims

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 
 import onnx
 
 from gpp_onnx.errors import UserError
 
 NORMALIZATION_KEY = "gpp_onnx.normalization"
+# What a model without stored normalisation is assumed to expect (torchvision's ImageNet statistics).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def write_normalization(model: onnx.ModelProto, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
@@ -21,6 +25,7 @@ def write_normalization(model: onnx.ModelProto, mean: tuple[float, ...], std: tu
 
 
 def read_normalization(model: onnx.ModelProto) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The stored ``(mean, std)``, or None when the model has none."""
     for prop in model.metadata_props:
         if prop.key == NORMALIZATION_KEY:
             try:
@@ -35,11 +40,9 @@ def normalization_for(
     model: onnx.ModelProto, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The given mean / std, else the model's stored ones, else the ImageNet-style CIFAR-10 defaults."""
-    from gpp_onnx.data import IMAGENET_MEAN, IMAGENET_STD
-
     stored = read_normalization(model)
     mean = mean or (stored[0] if stored else IMAGENET_MEAN)
     std = std or (stored[1] if stored else IMAGENET_STD)
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise UserError("--mean and --std take three values each (std above 0), e.g. 0.485,0.456,0.406")
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0 or not all(math.isfinite(v) for v in (*mean, *std)):
+        raise UserError("--mean and --std take three finite values each (std above 0), e.g. 0.485,0.456,0.406")
     return tuple(mean), tuple(std)

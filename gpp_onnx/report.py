@@ -6,13 +6,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gpp_onnx.annotation import Annotation, kept_tiles
+from gpp_onnx.annotation import Annotation, nonzero_tiles
 from gpp_onnx.tiles import TileShape
 from gpp_onnx.weights import Layer
 
 
 @dataclass
 class LayerReport:
+    """One conv / FC layer: its status, zeros and tiles, measured from its current weights."""
+
     name: str
     weight: str
     op_type: str
@@ -29,9 +31,11 @@ class LayerReport:
 
     @property
     def sparsity(self) -> float:
+        """Fraction of the layer's weights that are zero."""
         return self.zeros / self.params if self.params else 0.0
 
     def to_dict(self) -> dict[str, object]:
+        """JSON form (``inspect --json``'s ``layers`` entries)."""
         return {
             "name": self.name,
             "weight": self.weight,
@@ -50,6 +54,8 @@ class LayerReport:
 
 @dataclass
 class Report:
+    """The per-layer report of ``prune`` and ``inspect``."""
+
     tile: TileShape
     pattern: str | None
     scope: str | None
@@ -64,10 +70,12 @@ class Report:
 
     @property
     def sparsity(self) -> float:
+        """Zero fraction over the measured layers' weights."""
         params = sum(r.params for r in self.measured)
         return sum(r.zeros for r in self.measured) / params if params else 0.0
 
     def to_dict(self) -> dict[str, object]:
+        """JSON form (the ``prune --json`` / ``inspect --json`` document)."""
         return {
             "tile": str(self.tile),
             "pattern": self.pattern,
@@ -85,7 +93,7 @@ def measure_layer(layer: Layer, tile: TileShape, status: str, pattern: str | Non
     params = zeros = tiles_total = tiles_kept = 0
     kept = None
     if layer.stored is not None:
-        kept = kept_tiles(layer, tile)
+        kept = nonzero_tiles(layer, tile)
         params = int(layer.stored.values.size)
         zeros = params - int(np.count_nonzero(layer.stored.nonzero()))
         tiles_total, tiles_kept = int(kept.size), int(kept.sum())

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from gpp_onnx.errors import UserError
+
+# VTA's default BLOCK_OUT = BLOCK_IN (vta_config.json: LOG_BLOCK 4); VTAConfig derives its default from it.
+DEFAULT_BLOCK = 16
 
 
 @dataclass(frozen=True)
 class TileShape:
     """A BLOCK_OUT x BLOCK_IN weight tile, the unit one GEMM micro-op consumes."""
 
-    block_out: int = 16
-    block_in: int = 16
+    block_out: int = DEFAULT_BLOCK
+    block_in: int = DEFAULT_BLOCK
 
     def __post_init__(self) -> None:
         for name in ("block_out", "block_in"):
@@ -27,11 +29,12 @@ class TileShape:
 
     @classmethod
     def parse(cls, text: str) -> "TileShape":
-        """Parse ``OUTxIN`` (e.g. ``16x16``) or the path of a VTA config JSON."""
-        if text.endswith(".json"):
-            from vta_backend.config import VTAConfig
-
-            return cls.from_config(VTAConfig.from_json(Path(text)))
+        """Parse ``OUTxIN`` (e.g. ``16x16``); a VTA config file is read by ``vta_backend.VTAConfig.from_json``."""
+        if text.strip().lower().endswith(".json"):
+            raise UserError(
+                f"tile {text!r} is a file name; pass vta_backend.VTAConfig.from_json({text!r}) as the tile "
+                "(the command line's --tile reads the file itself)"
+            )
         match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
         if not match or int(match[1]) < 1 or int(match[2]) < 1:
             raise UserError(

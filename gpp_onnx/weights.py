@@ -77,6 +77,7 @@ class Layer:
 
     @property
     def name(self) -> str:
+        """The consuming node names, comma-joined."""
         return ",".join(self.nodes)
 
     @property
@@ -86,6 +87,7 @@ class Layer:
 
     @property
     def in_channels_per_group(self) -> int:
+        """Input channels each output channel sees (1 for a depthwise conv)."""
         if self.is_fc:
             return self.shape[1] if self.layout == "OI" else self.shape[0]
         return self.shape[0] // self.groups if self.in_major else self.shape[1]
@@ -146,6 +148,7 @@ class GraphIndex:
         return None
 
     def constant_array(self, name: str) -> np.ndarray | None:
+        """The values of a constant tensor (initializer or Constant output), or None."""
         found = self.constant_tensor(name) if name else None
         return None if found is None else numpy_helper.to_array(found[0])
 

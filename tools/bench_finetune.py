@@ -19,10 +19,10 @@ from pathlib import Path
 
 import onnx
 
-from gpp_onnx import data
-from gpp_onnx.finetune import FinetuneOptions, split_in_memory, train
+from gpp_app import data
+from gpp_app.finetune import FinetuneOptions, split_in_memory, train
+from gpp_app.torch_model import import_training, to_trainable
 from gpp_onnx.normalization import normalization_for
-from gpp_onnx.torch_model import import_training, to_trainable
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("GPP_DATA_DIR", REPO.parent / "shared" / "data")) / "cifar10-jpeg"

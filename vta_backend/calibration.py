@@ -1,11 +1,15 @@
 """Activation scales for VTA: onnxruntime.quantization's calibrators, rounded to powers of two, cached.
 
-The calibrator runs the float model over calibration images of the train split and
-records each activation's range (MinMax), a percentile of its histogram (Percentile) or
-the range that minimises the KL divergence (Entropy). VTA uses power-of-two scales, so a
-range ``r`` becomes the shift ``floor(log2(127 / r))``. The shifts are cached next to the
-model (``MODEL.vta-calibration.json``), keyed by the model's content hash and the
-calibration settings, so a second run does not calibrate again.
+The calibrator runs the float model over calibration feeds (any iterable of input
+dictionaries, as ONNX Runtime's ``CalibrationDataReader`` takes them) and records each
+activation's range (MinMax), a percentile of its histogram (Percentile) or the range that
+minimises the KL divergence (Entropy). VTA uses power-of-two scales, so a range ``r``
+becomes the shift ``floor(log2(127 / r))`` (or one finer, see :func:`power_of_two_shift`).
+
+The shifts are cached in the user's cache folder (``$GPP_CACHE_DIR``, else
+``$XDG_CACHE_HOME/gpp-onnx``, else ``~/.cache/gpp-onnx``), never beside the model, keyed by
+the model's content hash, the calibration settings and a description of the data, so a
+second run does not calibrate again.
 """
 
 from __future__ import annotations
@@ -16,99 +20,137 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
+import onnx
 
-from gpp_onnx import data
 from gpp_onnx.errors import UserError
+from gpp_onnx.files import write_text
 from vta_backend.quant import shift_for
 
-METHODS = {
-    "minmax": CalibrationMethod.MinMax,
-    "percentile": CalibrationMethod.Percentile,
-    "entropy": CalibrationMethod.Entropy,
-}
-CACHE_VERSION = 2
+# our method names -> onnxruntime.quantization.CalibrationMethod members
+METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+CACHE_VERSION = 3
 # The finest activation scale used. An activation that was (nearly) zero on every calibration
 # image would otherwise get a huge shift, and the bias and residual of the next conv, scaled
 # by 2**(s_in + s_w), would overflow the int32 accumulator.
 MAX_ACTIVATION_SHIFT = 12
 
 
-class _Reader(CalibrationDataReader):
-    def __init__(self, input_name: str, batches: Iterator[np.ndarray]) -> None:
-        self.input_name = input_name
-        self.batches = batches
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """How activation ranges are measured; the one place their defaults live.
 
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self.batches, None)
-        return None if batch is None else {self.input_name: batch}
+    ``method`` and ``images`` were chosen on held-out train images (docs/results.md).
+    """
+
+    method: str = "percentile"
+    images: int = 5000  # train images fed through the float model
+    batch: int = 100  # images per calibration batch
+
+    def check(self) -> None:
+        """Raise UserError for an unknown method or a count below 1."""
+        if self.method not in METHODS:
+            raise UserError(f"unknown calibration method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.images < 1:
+            raise UserError(f"--calibration-images {self.images} is below 1")
+        if self.batch < 1:
+            raise UserError(f"calibration batch {self.batch} is below 1")
 
 
-def cache_path(model_path: Path) -> Path:
-    return model_path.with_name(model_path.name + ".vta-calibration.json")
+def default_cache_dir() -> Path:
+    """``$GPP_CACHE_DIR``, else ``$XDG_CACHE_HOME/gpp-onnx``, else ``~/.cache/gpp-onnx``."""
+    if os.environ.get("GPP_CACHE_DIR"):
+        return Path(os.environ["GPP_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gpp-onnx"
 
 
-def _cache_key(model_path: Path, method: str, images: int, mean: tuple, std: tuple, dataset: data.Dataset) -> dict:
-    digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
+def cache_key(model: onnx.ModelProto, options: CalibrationOptions, data: str) -> dict:
+    """What a cached result depends on: the model's content, the settings and the data (described by the caller)."""
     return {
         "version": CACHE_VERSION,
-        "model_sha256": digest,
-        "method": method,
-        "images": images,
-        "mean": list(mean),
-        "std": list(std),
-        "data": dataset.describe(),
+        "model_sha256": hashlib.sha256(model.SerializeToString()).hexdigest(),
+        "method": options.method,
+        "images": options.images,
+        "data": data,
     }
 
 
+def cache_file(key: dict, cache_dir: Path) -> Path:
+    """The cache entry of a key: one small JSON file per model and setting."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    return cache_dir / f"calibration-{digest}.json"
+
+
 def calibrate(
-    model_path: Path,
-    input_name: str,
-    dataset: data.Dataset,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    method: str = "percentile",
-    images: int = 1000,
-    batch: int = 100,
-    track: Callable[[Iterable, str, int], Iterable] = lambda items, description, total: items,
+    model: onnx.ModelProto,
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    options: CalibrationOptions = CalibrationOptions(),
+    data: str = "",
+    cache_dir: Path | None = None,
 ) -> tuple[dict[str, int], bool]:
-    """Power-of-two shift of every float activation; returns ``(shifts, from_cache)``."""
-    if method not in METHODS:
-        raise UserError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}")
-    if images < 1:
-        raise UserError(f"--calibration-images {images} is below 1")
-    key = _cache_key(model_path, method, images, mean, std, dataset)
-    cached = _read_cache(model_path, key)
+    """Power-of-two shift of every float activation; returns ``(shifts, from_cache)``.
+
+    ``feeds`` yields input dictionaries (``options.images`` images in all); it is not
+    consumed when the result is cached. ``data`` describes the feeds for the cache key
+    (data set, split, normalisation). ``cache_dir`` defaults to :func:`default_cache_dir`.
+    """
+    options.check()
+    key = cache_key(model, options, data)
+    path = cache_file(key, cache_dir or default_cache_dir())
+    cached = _read_cache(path, key)
     if cached is not None:
         return cached, True
-    batches = (
-        data.normalize(x, mean, std)
-        for x, _ in track(data.iter_uint8(dataset, "train", batch, images), "calibrating", -(-images // batch))
-    )
-    with tempfile.TemporaryDirectory() as tmp:
+    shifts = _measure(model, feeds, options)
+    _write_cache(path, key, shifts)
+    return shifts, False
+
+
+def _measure(
+    model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]], options: CalibrationOptions
+) -> dict[str, int]:
+    """Each calibrated activation's range, rounded to a power-of-two shift."""
+    ranges, histograms = _collect(model, feeds, options)
+    shifts = {}
+    for name, tensor_data in ranges.data.items():
+        low, high = (np.asarray(v, np.float64) for v in tensor_data.range_value)
+        magnitude = max(float(np.abs(low).max()), float(np.abs(high).max()))
+        shifts[name] = power_of_two_shift(magnitude, histograms.get(name))
+    return shifts
+
+
+def _collect(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]], options: CalibrationOptions):
+    """Run ONNX Runtime's calibrator over the feeds (in a temporary folder: it writes augmented
+    models there); returns its ranges and, for histogram methods, the histograms."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            feed = next(self.feeds, None)
+            return None if feed is None else dict(feed)
+
+    with tempfile.TemporaryDirectory(prefix="gpp-onnx-calibration.") as tmp:
+        model_path = Path(tmp) / "model.onnx"
+        onnx.save_model(model, model_path)
         calibrator = create_calibrator(
             model_path,
             op_types_to_calibrate=["Conv", "Relu", "Add"],
             augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-            calibrate_method=METHODS[method],
-            extra_options={"percentile": 99.999, "num_bins": 2048} if method == "percentile" else {},
+            calibrate_method=getattr(CalibrationMethod, METHODS[options.method]),
+            extra_options={"percentile": 99.999, "num_bins": 2048} if options.method == "percentile" else {},
         )
         with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print progress lines
-            calibrator.collect_data(_Reader(input_name, batches))
+            calibrator.collect_data(Reader())
             ranges = calibrator.compute_data()
         histograms = getattr(getattr(calibrator, "collector", None), "histogram_dict", None) or {}
-        shifts = {}
-        for name, tensor_data in ranges.data.items():
-            low, high = (np.asarray(v, np.float64) for v in tensor_data.range_value)
-            shifts[name] = power_of_two_shift(
-                max(float(np.abs(low).max()), float(np.abs(high).max())), histograms.get(name)
-            )
-    _write_cache(model_path, key, shifts)
-    return shifts, False
+    return ranges, histograms
 
 
 def power_of_two_shift(calibrated_range: float, histogram: tuple | None) -> int:
@@ -131,30 +173,24 @@ def power_of_two_shift(calibrated_range: float, histogram: tuple | None) -> int:
     return min((coarse, coarse + 1), key=error)
 
 
-def _read_cache(model_path: Path, key: dict) -> dict[str, int] | None:
-    path = cache_path(model_path)
+def _read_cache(path: Path, key: dict) -> dict[str, int] | None:
+    """The cached shifts for ``key``; None when absent, for another key, or malformed (then it is rebuilt)."""
     try:
         doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    if not isinstance(doc, dict) or doc.get("key") != key:
+    if not isinstance(doc, dict) or doc.get("key") != key or not isinstance(doc.get("shifts"), dict):
         return None
-    return {k: int(v) for k, v in doc.get("shifts", {}).items()}
+    shifts = doc["shifts"]
+    if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in shifts.items()):
+        return None
+    return dict(shifts)
 
 
-def _write_cache(model_path: Path, key: dict, shifts: dict[str, int]) -> None:
-    """Atomically write the cache; a folder that cannot be written only loses the cache."""
-    path = cache_path(model_path)
+def _write_cache(path: Path, key: dict, shifts: dict[str, int]) -> None:
+    """Write the cache entry atomically; a cache folder that cannot be written only loses the cache."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"key": key, "shifts": shifts}, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps({"key": key, "shifts": shifts}, indent=1, sort_keys=True))
+    except (OSError, UserError):
         pass
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from gpp_onnx.errors import UserError
+from gpp_onnx.tiles import DEFAULT_BLOCK
 
 BOARDS: dict[str, tuple[float, int]] = {
     # board: (clock in MHz, memory bus width in bits)
@@ -32,7 +33,7 @@ class VTAConfig:
     LOG_WGT_WIDTH: int = 3
     LOG_ACC_WIDTH: int = 5
     LOG_BATCH: int = 0
-    LOG_BLOCK: int = 4
+    LOG_BLOCK: int = DEFAULT_BLOCK.bit_length() - 1
     LOG_BLOCK_IN: int | None = None
     LOG_BLOCK_OUT: int | None = None
     LOG_UOP_BUFF_SIZE: int = 15
@@ -88,52 +89,65 @@ class VTAConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_dict(self) -> dict[str, object]:
+        """The parameters as a ``vta_config.json`` dict (unset per-side block sizes left out)."""
         return {k: v for k, v in asdict(self).items() if v is not None}
 
     @property
     def BATCH(self) -> int:
+        """Images per GEMM micro-op."""
         return 2**self.LOG_BATCH
 
     @property
     def BLOCK_IN(self) -> int:
+        """Input channels per tile (the GEMM's reduction width)."""
         return 2 ** (self.LOG_BLOCK if self.LOG_BLOCK_IN is None else self.LOG_BLOCK_IN)
 
     @property
     def BLOCK_OUT(self) -> int:
+        """Output channels per tile."""
         return 2 ** (self.LOG_BLOCK if self.LOG_BLOCK_OUT is None else self.LOG_BLOCK_OUT)
 
     @property
     def inp_vector_bytes(self) -> int:
+        """Bytes of one input-buffer entry."""
         return self.BATCH * self.BLOCK_IN * 2**self.LOG_INP_WIDTH // 8
 
     @property
     def wgt_tile_bytes(self) -> int:
+        """Bytes of one weight tile."""
         return self.BLOCK_OUT * self.BLOCK_IN * 2**self.LOG_WGT_WIDTH // 8
 
     @property
     def acc_vector_bytes(self) -> int:
+        """Bytes of one accumulator-buffer entry (int32)."""
         return self.BATCH * self.BLOCK_OUT * 2**self.LOG_ACC_WIDTH // 8
 
     @property
     def uop_depth(self) -> int:
+        """Micro-ops the micro-op buffer holds."""
         return 2**self.LOG_UOP_BUFF_SIZE // 4
 
     @property
     def inp_depth(self) -> int:
+        """Input vectors the input buffer holds."""
         return 2**self.LOG_INP_BUFF_SIZE // self.inp_vector_bytes
 
     @property
     def wgt_depth(self) -> int:
+        """Weight tiles the weight buffer holds."""
         return 2**self.LOG_WGT_BUFF_SIZE // self.wgt_tile_bytes
 
     @property
     def acc_depth(self) -> int:
+        """Accumulator vectors the accumulator buffer holds."""
         return 2**self.LOG_ACC_BUFF_SIZE // self.acc_vector_bytes
 
     @property
     def clock_mhz(self) -> float:
+        """The board's clock in MHz."""
         return BOARDS[self.BOARD][0]
 
     @property
     def bus_bits(self) -> int:
+        """The board's memory bus width in bits."""
         return BOARDS[self.BOARD][1]

@@ -19,6 +19,8 @@ from vta_backend.config import VTAConfig
 
 
 class Opcode(IntEnum):
+    """Instruction opcodes (``hw_spec.h``)."""
+
     LOAD = 0
     STORE = 1
     GEMM = 2
@@ -27,6 +29,8 @@ class Opcode(IntEnum):
 
 
 class MemType(IntEnum):
+    """Memory types of LOAD / STORE; ACC_8BIT loads int8 vectors sign-extended into the accumulator."""
+
     UOP = 0
     WGT = 1
     INP = 2
@@ -36,6 +40,8 @@ class MemType(IntEnum):
 
 
 class AluOp(IntEnum):
+    """ALU operations."""
+
     MIN = 0
     MAX = 1
     ADD = 2
@@ -59,6 +65,8 @@ class Deps:
 
 @dataclass
 class MemInsn:
+    """LOAD or STORE of a 2-D strided region, with zero padding on LOAD."""
+
     opcode: Opcode
     memory_type: MemType
     sram_base: int
@@ -78,6 +86,8 @@ class MemInsn:
 
 @dataclass
 class GemmInsn:
+    """GEMM over micro-ops [uop_bgn, uop_end) in a two-level loop (or an accumulator reset)."""
+
     reset: bool
     uop_bgn: int
     uop_end: int
@@ -102,6 +112,8 @@ class GemmInsn:
 
 @dataclass
 class AluInsn:
+    """ALU operation on accumulator vectors: with an immediate, or with a second accumulator operand."""
+
     alu_opcode: AluOp
     use_imm: bool
     imm: int
@@ -121,11 +133,14 @@ class AluInsn:
 
     @property
     def count(self) -> int:
+        """Micro-op executions."""
         return self.iter_out * self.iter_in * (self.uop_end - self.uop_bgn)
 
 
 @dataclass
 class FinishInsn:
+    """The end of the program."""
+
     deps: Deps = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -149,12 +164,12 @@ class IndexWidths:
 
     @classmethod
     def of(cls, config: VTAConfig) -> "IndexWidths":
+        """The widths for a configuration's buffer depths."""
         return cls(*(int(np.log2(d)) for d in (config.uop_depth, config.inp_depth, config.wgt_depth, config.acc_depth)))
 
 
-@lru_cache(maxsize=None)
-def _layouts(w: IndexWidths) -> dict[Opcode, list[tuple[str, int, int]]]:
-    """(field, bit offset, width) per opcode, with the no-straddle rule applied."""
+def _field_specs(w: IndexWidths) -> dict[Opcode, list[tuple[str, int]]]:
+    """(field, width) per opcode, in ``hw_spec.h`` order."""
     loop = [
         ("reset", 1),
         ("uop_bgn", w.uop),
@@ -162,46 +177,49 @@ def _layouts(w: IndexWidths) -> dict[Opcode, list[tuple[str, int, int]]]:
         ("iter_out", LOOP_ITER_WIDTH),
         ("iter_in", LOOP_ITER_WIDTH),
     ]
-    specs = {
-        Opcode.LOAD: _HEAD
-        + [
-            ("memory_type", 3),
-            ("sram_base", 16),
-            ("dram_base", 32),
-            ("y_size", 16),
-            ("x_size", 16),
-            ("x_stride", 16),
-            ("y_pad_0", 4),
-            ("y_pad_1", 4),
-            ("x_pad_0", 4),
-            ("x_pad_1", 4),
-        ],
-        Opcode.GEMM: _HEAD
-        + loop
-        + [
-            ("dst_factor_out", w.acc),
-            ("dst_factor_in", w.acc),
-            ("src_factor_out", w.inp),
-            ("src_factor_in", w.inp),
-            ("wgt_factor_out", w.wgt),
-            ("wgt_factor_in", w.wgt),
-        ],
-        Opcode.ALU: _HEAD
-        + loop
-        + [
-            ("dst_factor_out", w.acc),
-            ("dst_factor_in", w.acc),
-            ("src_factor_out", w.acc),
-            ("src_factor_in", w.acc),
-            ("alu_opcode", 3),
-            ("use_imm", 1),
-            ("imm", 16),
-        ],
+    memory = [
+        ("memory_type", 3),
+        ("sram_base", 16),
+        ("dram_base", 32),
+        ("y_size", 16),
+        ("x_size", 16),
+        ("x_stride", 16),
+        ("y_pad_0", 4),
+        ("y_pad_1", 4),
+        ("x_pad_0", 4),
+        ("x_pad_1", 4),
+    ]
+    gemm = [
+        ("dst_factor_out", w.acc),
+        ("dst_factor_in", w.acc),
+        ("src_factor_out", w.inp),
+        ("src_factor_in", w.inp),
+        ("wgt_factor_out", w.wgt),
+        ("wgt_factor_in", w.wgt),
+    ]
+    alu = [
+        ("dst_factor_out", w.acc),
+        ("dst_factor_in", w.acc),
+        ("src_factor_out", w.acc),
+        ("src_factor_in", w.acc),
+        ("alu_opcode", 3),
+        ("use_imm", 1),
+        ("imm", 16),
+    ]
+    return {
+        Opcode.LOAD: _HEAD + memory,
+        Opcode.STORE: _HEAD + memory,
+        Opcode.GEMM: _HEAD + loop + gemm,
+        Opcode.ALU: _HEAD + loop + alu,
         Opcode.FINISH: list(_HEAD),
     }
-    specs[Opcode.STORE] = specs[Opcode.LOAD]
+
+
+@lru_cache(maxsize=None)
+def _layouts(w: IndexWidths) -> dict[Opcode, list[tuple[str, int, int]]]:
+    """(field, bit offset, width) per opcode, with the no-straddle rule applied."""
     layouts = {}
-    for opcode, spec in specs.items():
+    for opcode, spec in _field_specs(w).items():
         offset, placed = 0, []
         for name, width in spec:
             if offset // 64 != (offset + width - 1) // 64:
@@ -280,10 +298,12 @@ def decode(data: bytes, config: VTAConfig) -> Insn:
 
 
 def encode_program(insns: list[Insn], config: VTAConfig) -> bytes:
+    """The instructions' encodings, concatenated; a value that does not fit raises FieldOverflow."""
     return b"".join(encode(i, config) for i in insns)
 
 
 def decode_program(data: bytes, config: VTAConfig) -> list[Insn]:
+    """Inverse of :func:`encode_program`."""
     return [decode(data[i : i + 16], config) for i in range(0, len(data), 16)]
 
 
@@ -312,6 +332,7 @@ def encode_uops(dst: np.ndarray, src: np.ndarray, wgt: np.ndarray, config: VTACo
 
 
 def decode_uops(words: np.ndarray, config: VTAConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of :func:`encode_uops`: the (dst, src, wgt) index arrays."""
     d_bits, s_bits, w_bits = uop_fields(config)
     words = np.asarray(words, np.int64)
     return (

@@ -29,18 +29,22 @@ class LayerStats:
 
     @property
     def gemm_uops_skipped(self) -> int:
+        """GEMM micro-ops the dense program runs and this one does not."""
         return self.gemm_uops_dense - self.timing.gemm_uops
 
     @property
     def macs(self) -> int:
+        """Multiply-accumulates executed (padding lanes included)."""
         return self.timing.gemm_uops * self.config.BATCH * self.config.BLOCK_IN * self.config.BLOCK_OUT
 
     @property
     def tile_sparsity(self) -> float:
+        """Fraction of weight tiles not issued."""
         return 1 - self.tiles_kept / self.tiles_total if self.tiles_total else 0.0
 
     @property
     def speedup(self) -> float:
+        """Dense cycles over this program's cycles."""
         return self.dense_cycles / self.timing.cycles
 
     @property
@@ -50,6 +54,7 @@ class LayerStats:
         return self.dense_cycles / self.floor_cycles
 
     def to_dict(self) -> dict[str, object]:
+        """The figures as JSON-ready data."""
         t = self.timing
         return {
             "name": self.name,
@@ -81,12 +86,14 @@ class VtaConv:
 
     @classmethod
     def compile(cls, conv: QuantConv, in_shape: tuple[int, int, int], config: VTAConfig) -> "VtaConv":
+        """Compile every group of ``conv`` for an input of ``in_shape`` = (C, H, W)."""
         c, h, w = in_shape
         group_shape = (c // conv.groups, h, w)
         return cls(conv, in_shape, [compile_conv(conv, group_shape, config, g) for g in range(conv.groups)])
 
     @property
     def config(self) -> VTAConfig:
+        """The configuration the programs were compiled for."""
         return self.programs[0].config
 
     def run(self, x: np.ndarray, path: str = "fast", residual: np.ndarray | None = None) -> np.ndarray:
@@ -125,6 +132,7 @@ class VtaConv:
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=3)
 
     def timing(self) -> Timing:
+        """Simulated cycles of all groups' programs, one after the other."""
         total = Timing()
         for program in self.programs:
             total.add(simulate_timing(program.insns, program.config))

@@ -6,6 +6,7 @@ import numpy as np
 
 
 def ceil_div(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive integers."""
     return -(-a // b)
 
 

@@ -1,52 +1,54 @@
-"""Compile every VTA-runnable conv of an ONNX model; summarise and write the programs."""
+"""Compile every VTA-runnable conv of an ONNX model and report its simulated figures."""
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from enum import Enum
+from typing import Literal, TypeVar
 
 import onnx
 
+from gpp_onnx.annotation import KeptTiles, read_kept_tiles
 from gpp_onnx.errors import UserError
+from gpp_onnx.progress import Track, no_progress
 from vta_backend.config import VTAConfig
+from vta_backend.importer import ConvSite, extract_convs
 from vta_backend.layer import LayerStats, VtaConv
-from vta_backend.onnx_import import DEFAULT_ACTIVATION_SHIFT, ConvSite, extract_convs
+from vta_backend.quantization import DEFAULT_QUANTIZATION, QuantizationOptions
+from vta_backend.report import Placement, VtaReport
+
+T = TypeVar("T")
+REASONS_LISTED = 5  # convs named in the "no Conv VTA can run" error
+
+
+class KeptTilesSource(Enum):
+    """Where the kept-tile maps come from when the caller does not pass them."""
+
+    MODEL = "read and validate the model's own annotation"
+
+
+READ_FROM_MODEL = KeptTilesSource.MODEL
+KeptArgument = KeptTiles | None | Literal[KeptTilesSource.MODEL]
 
 
 @dataclass
 class CompiledModel:
+    """Every Conv node of a model (``sites``, graph order) and the compiled VTA convs among them."""
+
     config: VTAConfig
     sites: list[ConvSite]
     layers: dict[str, VtaConv]  # node name -> compiled conv
-    stats: dict[str, LayerStats]
+    stats: dict[str, LayerStats]  # node name -> its simulated figures
 
-    def summary(self) -> dict[str, object]:
-        """Totals and per-layer figures for one image (all simulated)."""
-        stats = list(self.stats.values())
-        cycles = sum(s.timing.cycles for s in stats)
-        dense = sum(s.dense_cycles for s in stats)
-        floor = sum(s.floor_cycles for s in stats)  # every weight tile pruned: what pruning cannot remove
-        return {
-            "simulated": True,
-            "board": self.config.BOARD,
-            "clock_mhz": self.config.clock_mhz,
-            "cycles": cycles,
-            "simulated_ms": cycles / (self.config.clock_mhz * 1e3),
-            "gemm_uops": sum(s.timing.gemm_uops for s in stats),
-            "gemm_uops_skipped": sum(s.gemm_uops_skipped for s in stats),
-            "dense_cycles": dense,
-            "speedup": dense / cycles if cycles else 1.0,
-            "amdahl_bound": dense / floor if floor else 1.0,
-            "bytes": {k: sum(s.timing.bytes[k] for s in stats) for k in ("inp", "wgt", "acc", "uop", "out")},
-            "layers": [s.to_dict() for s in stats],
-            "not_on_vta": [{"node": site.node, "reason": site.reason} for site in self.sites if site.conv is None],
-        }
+    @property
+    def placement(self) -> list[Placement]:
+        """Where every Conv node runs, in graph order."""
+        return [Placement(s.node, "vta" if s.conv is not None else "cpu", s.reason) for s in self.sites]
+
+    def report(self) -> VtaReport:
+        """Totals and per-layer figures for one image (all simulated), and every conv's placement."""
+        return VtaReport.of(self.config, list(self.stats.values()), self.placement)
 
 
 def compile_model(
@@ -54,14 +56,24 @@ def compile_model(
     config: VTAConfig,
     input_shape: tuple[int, ...] | None = None,
     activation_shifts: Mapping[str, int] | None = None,
-    per_channel: bool = False,
-    default_shift: int = DEFAULT_ACTIVATION_SHIFT,
-    track: Callable[[Iterable, str, int], Iterable] = lambda items, description, total: items,
+    quantization: QuantizationOptions = DEFAULT_QUANTIZATION,
+    kept: KeptArgument = READ_FROM_MODEL,
+    track: Track = no_progress,
 ) -> CompiledModel:
-    sites = extract_convs(model, config, input_shape, activation_shifts, per_channel, default_shift)
+    """Compile every Conv of ``model`` that VTA can run, with the dense and fully pruned variants for comparison.
+
+    ``activation_shifts`` maps tensor names to calibrated power-of-two shifts (others get
+    ``quantization.activation_shift``). ``kept`` is :data:`READ_FROM_MODEL` (read and validate
+    the model's annotation here), the caller's already validated
+    :func:`gpp_onnx.annotation.read_kept_tiles` result, or None (no annotation: only all-zero
+    tiles are skipped). ``track(items, description, total)`` may wrap the loop in a progress bar.
+    """
+    if kept is READ_FROM_MODEL:
+        kept = read_kept_tiles(model)
+    sites = extract_convs(model, config, input_shape, activation_shifts, quantization, kept)
     runnable = [s for s in sites if s.conv is not None]
     if not runnable:
-        raise UserError("the model has no Conv that VTA can run; pass a CNN with 2-D float Conv layers")
+        raise UserError(_nothing_to_run(sites))
     layers, stats = {}, {}
     for site in track(runnable, "compiling", len(runnable)):
         assert site.conv is not None and site.in_shape is not None
@@ -71,47 +83,10 @@ def compile_model(
     return CompiledModel(config, sites, layers, stats)
 
 
-def _file_stem(index: int, name: str) -> str:
-    return f"{index:03d}_" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "conv")
-
-
-def write_programs(compiled: CompiledModel, out_dir: Path) -> list[str]:
-    """Write per conv (and group) the instruction, micro-op, weight and bias binaries plus summary.json.
-
-    Files are written to a temporary folder first and moved into ``out_dir`` one by one.
-    """
-    out_dir.mkdir(exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".gpp-compile.", dir=out_dir))
-    written = []
-    try:
-        summary = compiled.summary()
-        files = {}
-        for i, layer in enumerate(compiled.layers.values()):
-            for program in layer.programs:
-                stem = _file_stem(i, program.name)
-                for suffix, data in (
-                    (".insn.bin", program.binary()),
-                    (".uop.bin", program.uops.tobytes()),
-                    (".wgt.bin", program.weights.tobytes()),
-                    (".acc.bin", program.acc_image.tobytes()),
-                ):
-                    (tmp / (stem + suffix)).write_bytes(data)
-                    written.append(stem + suffix)
-                files[program.name] = {
-                    "stem": stem,
-                    "instructions": len(program.insns),
-                    "uops": len(program.uops),
-                    "weight_tiles": len(program.weights),
-                    "tiling": vars(program.tiling),
-                }
-        summary["files"] = files
-        summary["config"] = compiled.config.to_dict()
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        written.append("summary.json")
-        for name in written:
-            os.replace(tmp / name, out_dir / name)
-    except OSError as exc:
-        raise UserError(f"cannot write to {out_dir} ({exc.strerror or exc}); choose a writable folder") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return written
+def _nothing_to_run(sites: list[ConvSite]) -> str:
+    """The error for a model without a runnable conv, naming each conv's reason (the first few)."""
+    reasons = [f"{s.node}: {s.reason}" for s in sites[:REASONS_LISTED]]
+    if len(sites) > REASONS_LISTED:
+        reasons.append(f"and {len(sites) - REASONS_LISTED} more")
+    found = "; ".join(reasons) if sites else "it has no Conv node"
+    return f"the model has no Conv that VTA can run ({found}); pass a CNN with 2-D float Conv layers"

@@ -42,10 +42,12 @@ _KERNELS: dict[str, VtaKernel] = {}
 
 
 def register(key: str, kernel: VtaKernel) -> None:
+    """Make ``kernel`` the one custom nodes with this ``key`` run."""
     _KERNELS[key] = kernel
 
 
 def unregister(keys: list[str]) -> None:
+    """Forget these kernels (missing keys are ignored)."""
     for key in keys:
         _KERNELS.pop(key, None)
 

@@ -28,9 +28,10 @@ import numpy as np
 from gpp_onnx.errors import UserError
 
 QMAX = 127
+SHIFT_LIMIT = 24  # power-of-two shifts are kept within +-SHIFT_LIMIT
 
 
-def shift_for(max_abs: float | np.ndarray, limit: int = 24) -> np.ndarray:
+def shift_for(max_abs: float | np.ndarray, limit: int = SHIFT_LIMIT) -> np.ndarray:
     """Largest power-of-two shift ``s`` with ``max_abs * 2**s <= 127`` (clamped to +-limit)."""
     max_abs = np.asarray(max_abs, np.float64)
     safe = np.where(max_abs > 0, max_abs, 1.0)
@@ -64,7 +65,25 @@ def quantize(x: np.ndarray, shift: int | np.ndarray) -> np.ndarray:
 
 
 def dequantize(q: np.ndarray, shift: int | np.ndarray) -> np.ndarray:
+    """The real values ``q * 2**-shift`` as float32."""
     return q.astype(np.float32) * np.float32(2.0) ** -np.asarray(shift, np.float32)
+
+
+def shift_right(values: np.ndarray, amounts: int | np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """VTA's ALU SHR: arithmetic shift right of int32 ``values`` by ``amounts`` (broadcast); a negative
+    amount shifts left. Results are int32 (a left shift wraps); ``out`` may be ``values`` itself."""
+    amounts = np.asarray(amounts)
+    if amounts.min() >= 0:
+        uniform = amounts.size == 1 or bool((amounts == amounts.flat[0]).all())
+        return np.right_shift(values, int(amounts.flat[0]) if uniform else amounts, out=out, dtype=np.int32)
+    if amounts.max() <= 0:
+        return np.left_shift(values, -amounts, out=out, dtype=np.int32)
+    wide = np.asarray(values, np.int32)
+    result = np.where(amounts >= 0, wide >> np.maximum(amounts, 0), wide << np.maximum(-amounts, 0))
+    if out is None:
+        return result
+    out[...] = result
+    return out
 
 
 def wrap32(x: np.ndarray) -> np.ndarray:
@@ -110,17 +129,21 @@ class QuantConv:
 
     @property
     def out_channels(self) -> int:
+        """Output channels of all groups."""
         return self.weight.shape[0]
 
     @property
     def in_channels(self) -> int:
+        """Input channels of all groups."""
         return self.weight.shape[1] * self.groups
 
     @property
     def kernel(self) -> tuple[int, int]:
+        """(KH, KW)."""
         return self.weight.shape[2], self.weight.shape[3]
 
     def out_size(self, height: int, width: int) -> tuple[int, int]:
+        """(OH, OW) for an input of ``height`` x ``width``; a UserError when the kernel does not fit."""
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.stride, self.dilation
         top, left, bottom, right = self.pads
         oh = (height + top + bottom - dh * (kh - 1) - 1) // sh + 1
@@ -166,11 +189,6 @@ def requantize(
             shifts.astype(np.int32).reshape(shape),
         )
     np.add(flat, bias_row, out=flat)  # wraps at 32 bits
-    if (shift_row == shift_row.flat[0]).all() and shift_row.flat[0] >= 0:
-        np.right_shift(flat, int(shift_row.flat[0]), out=flat)  # arithmetic shift of signed integers
-    elif (shift_row >= 0).all():
-        np.right_shift(flat, shift_row, out=flat)
-    else:  # negative amounts shift left
-        flat[...] = np.where(shift_row >= 0, flat >> np.maximum(shift_row, 0), flat << np.maximum(-shift_row, 0))
+    shift_right(flat, shift_row, out=flat)
     np.clip(acc, 0 if relu else -QMAX, QMAX, out=acc)
     return acc.astype(np.int8)

@@ -24,152 +24,184 @@ from gpp_onnx.model_io import load_model
 from gpp_onnx.weights import GraphIndex
 from vta_backend import ort_op
 from vta_backend.config import VTAConfig
-from vta_backend.model import CompiledModel, compile_model
+from vta_backend.importer import ConvSite
+from vta_backend.model import READ_FROM_MODEL, CompiledModel, KeptArgument, compile_model
+from vta_backend.quantization import DEFAULT_QUANTIZATION, QuantizationOptions
+from vta_backend.report import VtaReport
 
 _SESSION_IDS = itertools.count()
 
 
-def rewrite(model: onnx.ModelProto, compiled: CompiledModel, prefix: str) -> tuple[onnx.ModelProto, list[str]]:
+class _Rewrite:
+    """The new graph being built: its nodes, its extra initializers and the int8 twins of float tensors."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.zero = f"{prefix}/zero_point"
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers = [numpy_helper.from_array(np.array(0, np.int8), self.zero)]
+        self.int8: dict[str, str] = {}  # tensor -> its channels-last int8 twin
+
+    def scale(self, shift: int) -> str:
+        """The name of the float scale ``2**-shift``, added once."""
+        name = f"{self.prefix}/scale_{shift}"
+        if not any(t.name == name for t in self.initializers):
+            self.initializers.append(numpy_helper.from_array(np.array(2.0**-shift, np.float32), name))
+        return name
+
+    def as_int8(self, tensor: str, shift: int) -> str:
+        """The channels-last int8 twin of a float NCHW tensor (quantized once, then transposed)."""
+        if tensor not in self.int8:
+            self.int8[tensor] = f"{tensor}/int8_nhwc"
+            self.nodes.append(
+                helper.make_node(
+                    "QuantizeLinear",
+                    [tensor, self.scale(shift), self.zero],
+                    [f"{tensor}/int8"],
+                    name=f"{tensor}/quantize",
+                )
+            )
+            self.nodes.append(
+                helper.make_node(
+                    "Transpose", [f"{tensor}/int8"], [self.int8[tensor]], perm=[0, 2, 3, 1], name=f"{tensor}/to_nhwc"
+                )
+            )
+        return self.int8[tensor]
+
+    def vta_node(self, site: ConvSite, key: str) -> None:
+        """The custom node running the compiled conv on int8 channels-last activations."""
+        inputs = [self.as_int8(site.input, site.input_shift)]
+        if site.residual is not None:
+            inputs.append(self.as_int8(site.residual, site.residual_input_shift))
+        self.int8[site.output] = f"{site.output}/int8_nhwc"
+        op_type = ort_op.OP_TYPE_ADD if site.residual is not None else ort_op.OP_TYPE
+        self.nodes.append(
+            helper.make_node(
+                op_type, inputs, [self.int8[site.output]], name=f"{site.node}/vta", domain=ort_op.DOMAIN, key=key
+            )
+        )
+
+    def as_float(self, site: ConvSite) -> None:
+        """Transpose and dequantize a VTA conv's output back to the float NCHW tensor of the original graph."""
+        output = site.output
+        self.nodes.append(
+            helper.make_node(
+                "Transpose", [self.int8[output]], [f"{output}/int8"], perm=[0, 3, 1, 2], name=f"{output}/to_nchw"
+            )
+        )
+        self.nodes.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [f"{output}/int8", self.scale(site.output_shift), self.zero],
+                [output],
+                name=f"{output}/dequantize",
+            )
+        )
+
+    def model(self, original: onnx.ModelProto) -> onnx.ModelProto:
+        """A copy of ``original`` with the new nodes, its initializers still read, and the new ones."""
+        rewritten = onnx.ModelProto()
+        rewritten.CopyFrom(original)
+        del rewritten.graph.node[:]
+        rewritten.graph.node.extend(self.nodes)
+        if not any(o.domain == ort_op.DOMAIN for o in rewritten.opset_import):
+            rewritten.opset_import.append(helper.make_opsetid(ort_op.DOMAIN, 1))
+        used = {i for n in self.nodes for i in n.input}
+        still_read = [t for t in rewritten.graph.initializer if t.name in used]  # int8 weights live in the kernels
+        del rewritten.graph.initializer[:]
+        rewritten.graph.initializer.extend(still_read + self.initializers)
+        return rewritten
+
+
+def rewrite(
+    model: onnx.ModelProto, compiled: CompiledModel, prefix: str
+) -> tuple[onnx.ModelProto, dict[str, ort_op.VtaKernel]]:
     """A copy of the model with each VTA conv (and its fused Add / Relu) as one int8 custom node.
 
     Activations stay int8 and channels-last (as in VTA's NCHW1n16c DRAM layout) between VTA
     convs; QuantizeLinear / DequantizeLinear (scale ``2**-shift``, zero point 0) and a
-    Transpose convert where a float NCHW operator produces or reads them.
-    Returns the model and the keys of the kernels it registered.
+    Transpose convert where a float NCHW operator produces or reads them. Returns the model
+    and the kernels its custom nodes name (by key), for the caller to register.
     """
-    rewritten = onnx.ModelProto()
-    rewritten.CopyFrom(model)
     index = GraphIndex(model.graph)
     # each VTA node goes where the last node it replaces was, so that all its inputs exist by then
     sites = {site.replaced[-1]: site for site in compiled.sites if site.conv is not None}
     replaced = {name for site in sites.values() for name in site.replaced}
     int8_reads = {(site.replaced[0], site.input) for site in sites.values()}  # (reader, tensor) pairs VTA serves
     int8_reads |= {(site.replaced[1], site.residual) for site in sites.values() if site.residual is not None}
-    nodes, keys, initializers = [], [], []
-    int8: dict[str, str] = {}  # tensor -> its int8 twin
-
-    def scale(shift: int) -> str:
-        name = f"{prefix}/scale_{shift}"
-        if not any(t.name == name for t in initializers):
-            initializers.append(numpy_helper.from_array(np.array(2.0**-shift, np.float32), name))
-        return name
-
-    zero = f"{prefix}/zero_point"
-    initializers.append(numpy_helper.from_array(np.array(0, np.int8), zero))
-
-    def as_int8(tensor: str, shift: int) -> str:
-        """The channels-last int8 twin of a float NCHW tensor (quantized once, then transposed)."""
-        if tensor not in int8:
-            int8[tensor] = f"{tensor}/int8_nhwc"
-            nodes.append(
-                helper.make_node(
-                    "QuantizeLinear", [tensor, scale(shift), zero], [f"{tensor}/int8"], name=f"{tensor}/quantize"
-                )
-            )
-            nodes.append(
-                helper.make_node(
-                    "Transpose", [f"{tensor}/int8"], [int8[tensor]], perm=[0, 2, 3, 1], name=f"{tensor}/to_nhwc"
-                )
-            )
-        return int8[tensor]
-
+    graph, kernels = _Rewrite(prefix), {}
     for name, node in zip(index.names, model.graph.node):
         site = sites.get(name)
         if site is None:
             if name not in replaced:
-                nodes.append(node)
+                graph.nodes.append(node)
             continue
-        name = site.node
-        key = f"{prefix}:{name}"
-        ort_op.register(key, ort_op.VtaKernel(compiled.layers[name]))
-        keys.append(key)
-        inputs = [as_int8(site.input, site.input_shift)]
-        if site.residual is not None:
-            inputs.append(as_int8(site.residual, site.residual_input_shift))
-        int8[site.output] = f"{site.output}/int8_nhwc"
-        op_type = ort_op.OP_TYPE_ADD if site.residual is not None else ort_op.OP_TYPE
-        nodes.append(
-            helper.make_node(op_type, inputs, [int8[site.output]], name=f"{name}/vta", domain=ort_op.DOMAIN, key=key)
-        )
+        key = f"{prefix}:{site.node}"
+        kernels[key] = ort_op.VtaKernel(compiled.layers[site.node])
+        graph.vta_node(site, key)
         float_readers = [
             i for i in index.consumers.get(site.output, []) if (index.names[i], site.output) not in int8_reads
         ]
         if float_readers or site.output in index.graph_outputs:
-            nodes.append(
-                helper.make_node(
-                    "Transpose",
-                    [int8[site.output]],
-                    [f"{site.output}/int8"],
-                    perm=[0, 3, 1, 2],
-                    name=f"{site.output}/to_nchw",
-                )
-            )
-            nodes.append(
-                helper.make_node(
-                    "DequantizeLinear",
-                    [f"{site.output}/int8", scale(site.output_shift), zero],
-                    [site.output],
-                    name=f"{site.output}/dequantize",
-                )
-            )
-    del rewritten.graph.node[:]
-    rewritten.graph.node.extend(nodes)
-    if not any(o.domain == ort_op.DOMAIN for o in rewritten.opset_import):
-        rewritten.opset_import.append(helper.make_opsetid(ort_op.DOMAIN, 1))
-    used = {i for n in nodes for i in n.input}
-    kept = [t for t in rewritten.graph.initializer if t.name in used]  # the int8 weights live in the kernels
-    del rewritten.graph.initializer[:]
-    rewritten.graph.initializer.extend(kept + initializers)
-    return rewritten, keys
+            graph.as_float(site)
+    return graph.model(model), kernels
 
 
 class VtaSession:
-    """Run an ONNX model with its convs on the VTA simulator (see module doc)."""
+    """Run an ONNX model with its convs on the VTA simulator (see module doc).
+
+    ``quantization`` and ``kept`` are as for :func:`vta_backend.model.compile_model`.
+    """
 
     def __init__(
         self,
         model: str | os.PathLike[str] | onnx.ModelProto,
         activation_shifts: Mapping[str, int],
         config: VTAConfig | None = None,
-        per_channel: bool = False,
+        quantization: QuantizationOptions = DEFAULT_QUANTIZATION,
+        kept: KeptArgument = READ_FROM_MODEL,
     ) -> None:
+        self._keys: list[str] = []  # first: close() must work however far __init__ got
         loaded = load_model(model)
         self.config = config or VTAConfig()
         missing = _uncalibrated(loaded.model, activation_shifts)
         if missing:
             raise UserError(f"no activation scale for tensor(s) {', '.join(missing[:3])}; calibrate the model first")
         self.compiled = compile_model(
-            loaded.model, self.config, activation_shifts=activation_shifts, per_channel=per_channel
+            loaded.model, self.config, activation_shifts=activation_shifts, quantization=quantization, kept=kept
         )
-        rewritten, self._keys = rewrite(loaded.model, self.compiled, f"s{next(_SESSION_IDS)}")
+        rewritten, kernels = rewrite(loaded.model, self.compiled, f"s{next(_SESSION_IDS)}")
+        for key, kernel in kernels.items():
+            self._keys.append(key)
+            ort_op.register(key, kernel)
         options = ort.SessionOptions()
         options.register_custom_ops_library(ort_op.LIBRARY_PATH)
         self._session = ort.InferenceSession(rewritten.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray], run_options=None) -> list:
+        """As ``onnxruntime.InferenceSession.run``."""
         return self._session.run(output_names, feeds, run_options)
 
     def get_inputs(self) -> list:
+        """As ``onnxruntime.InferenceSession.get_inputs``."""
         return self._session.get_inputs()
 
     def get_outputs(self) -> list:
+        """As ``onnxruntime.InferenceSession.get_outputs``."""
         return self._session.get_outputs()
 
-    def report(self) -> dict[str, object]:
-        """Simulated VTA figures per image (cycles, GEMM micro-ops, bytes, per layer) and placement."""
-        summary = self.compiled.summary()
-        summary["placement"] = [
-            {"node": site.node, "device": "vta" if site.conv is not None else "cpu", "reason": site.reason}
-            for site in self.compiled.sites
-        ]
-        return summary
+    def report(self) -> VtaReport:
+        """Simulated VTA figures per image (cycles, GEMM micro-ops, bytes, per layer) and every conv's placement."""
+        return self.compiled.report()
 
     def close(self) -> None:
+        """Unregister this session's kernels (the session cannot run afterwards); safe to call twice."""
         ort_op.unregister(self._keys)
         self._keys = []
 
     def __del__(self) -> None:
-        self.close()
+        if hasattr(self, "_keys"):  # absent only when the arguments did not even bind to __init__
+            self.close()
 
 
 def _uncalibrated(model: onnx.ModelProto, shifts: Mapping[str, int]) -> list[str]:

@@ -8,7 +8,7 @@ Two paths give bit-identical results:
   LOAD padding, STORE keeping the low 8 bits). Each memory type has its own DRAM array
   addressed in elements of that type.
 * :func:`run_fast` - a tile-level path for real workloads: per output-channel tile it
-  gathers only the kept (input-channel tile, kernel position) columns and multiplies
+  gathers only the issued (input-channel tile, kernel position) columns and multiplies
   them with ONNX Runtime's integer GEMM (exact int32), then requantizes.
 
 The instruction stream does not depend on the data, so both run every image of the
@@ -26,11 +26,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from vta_backend.compiler import Program
 from vta_backend.isa import AluInsn, AluOp, GemmInsn, MemInsn, MemType, Opcode, decode_program, decode_uops
-from vta_backend.quant import requantize
+from vta_backend.quant import requantize, shift_right
 
 _POOL = ThreadPoolExecutor(max_workers=2)
 IMAGES_PER_TASK = 64
 EXACT_INT32_TILES = 1024  # 1024 tiles * 16 products * 255 * 128 < 2**31
+TileGroup = tuple[list[int], np.ndarray, np.ndarray, np.ndarray]  # an entry of Program.tile_groups
 
 
 class _Machine:
@@ -56,6 +57,7 @@ class _Machine:
         self.out = np.zeros((batch, g.oc_tiles * g.out_height * g.out_width, c.BLOCK_OUT), np.int8)
 
     def load(self, insn: MemInsn) -> None:
+        """LOAD: DRAM region into a buffer, zero padding around it."""
         if insn.x_size == 0:
             return
         xtotal = insn.x_pad_0 + insn.x_size + insn.x_pad_1
@@ -85,6 +87,7 @@ class _Machine:
             raise ValueError(f"LOAD of memory type {insn.memory_type.name} is not supported")
 
     def store(self, insn: MemInsn) -> None:
+        """STORE: accumulator vectors to the output, keeping their low 8 bits."""
         rows = np.arange(insn.y_size)[:, None]
         cols = np.arange(insn.x_size)[None, :]
         src = (insn.sram_base + rows * insn.x_size + cols).ravel()
@@ -98,6 +101,7 @@ class _Machine:
         return base[:, None] + (i + j).ravel()[None, :]
 
     def gemm(self, insn: GemmInsn) -> None:
+        """GEMM (or accumulator reset) over the micro-ops and the two-level loop."""
         dst0, src0, wgt0 = decode_uops(self.uop[insn.uop_bgn : insn.uop_end], self.config)
         dst = self._indices(insn, dst0, insn.dst_factor_out, insn.dst_factor_in)
         if insn.reset:
@@ -131,6 +135,7 @@ class _Machine:
         return products.sum(axis=1, dtype=np.int32)  # each product is 16 terms: exact in float32
 
     def alu(self, insn: AluInsn) -> None:
+        """ALU operation over the micro-ops and the two-level loop."""
         dst0, src0, _ = decode_uops(self.uop[insn.uop_bgn : insn.uop_end], self.config)
         dst = self._indices(insn, dst0, insn.dst_factor_out, insn.dst_factor_in)
         src = self._indices(insn, src0, insn.src_factor_out, insn.src_factor_in)
@@ -152,8 +157,7 @@ class _Machine:
         elif op == AluOp.MAX:
             result = np.maximum(a, b)
         elif op == AluOp.SHR:
-            b = np.broadcast_to(b, a.shape).astype(np.int32)
-            result = np.where(b >= 0, a >> np.maximum(b, 0), a << np.maximum(-b, 0))
+            result = shift_right(a, b)
         else:
             result = a * b
         self.acc[:, dst] = result.astype(np.int32)
@@ -220,7 +224,7 @@ def _accumulate(
     weights: np.ndarray,
     width: int,
 ) -> np.ndarray:
-    """int32 ``[pixels, width]``: the kept tile columns of these images times their weight tiles."""
+    """int32 ``[pixels, width]``: the issued tile columns of these images times their weight tiles."""
     conv, g, c = program.conv, program.geometry, program.config
     (sh, sw), (dh, dw) = conv.stride, conv.dilation
     count = images.stop - images.start
@@ -252,50 +256,51 @@ def run_fast(program: Program, x: np.ndarray, residual: np.ndarray | None = None
     """The tile-level fast path on channels-last int8 activations: ``[B, H, W, C]`` -> ``[B, OH, OW, OC]``,
     bit-identical to :func:`run_isa`; ``residual`` (int8, like the output) is the other operand of a fused Add.
 
-    One input-channel tile at one pixel is one 16-byte item of the (padded) input, so the kept
+    One input-channel tile at one pixel is one 16-byte item of the (padded) input, so the issued
     (ic tile, kernel position) columns of every output pixel are strided copies of 16-byte
-    items. Output-channel tiles with the same kept set share those columns; each set
-    multiplies them with its kept weight tiles in ONNX Runtime's integer GEMM (exact int32
+    items. Output-channel tiles with the same issued set share those columns; each set
+    multiplies them with its issued weight tiles in ONNX Runtime's integer GEMM (exact int32
     accumulation) and is requantized exactly as VTA's ALU does. Pruned tiles are neither
     gathered nor multiplied. The work runs on two threads, in tasks of one set and at most
     ``IMAGES_PER_TASK`` images (so the gathered columns stay in cache).
     """
-    g, c = program.geometry, program.config
-    batch = x.shape[0]
+    g, batch = program.geometry, x.shape[0]
     _check_residual(program, residual)
     items = _padded_items(program, x)
     out = np.empty((batch, g.out_height, g.out_width, g.out_channels), np.int8)
-
-    def run(task: tuple[tuple[list[int], np.ndarray, np.ndarray, np.ndarray], slice]) -> None:
-        (ots, its, positions, weights), images = task
-        acc = _accumulate(program, items, images, its, positions, weights, len(ots) * c.BLOCK_OUT)
-        count = images.stop - images.start
-        if residual is not None:  # the fused Add, aligned to the accumulator's scale
-            lanes = acc.reshape(count, g.out_height, g.out_width, len(ots), c.BLOCK_OUT)
-            for j, ot in enumerate(ots):
-                low, high = ot * c.BLOCK_OUT, min((ot + 1) * c.BLOCK_OUT, g.out_channels)
-                block = residual[images, :, :, low:high]
-                align = program.residual_shifts[ot, : high - low]
-                if (align >= 0).all():
-                    block = np.left_shift(block, align, dtype=np.int32)
-                else:
-                    block = block.astype(np.int32)
-                    block = np.where(align >= 0, block << np.maximum(align, 0), block >> np.maximum(-align, 0))
-                np.add(lanes[..., j, : high - low], block, out=lanes[..., j, : high - low])
-        result = requantize(
-            acc,
-            program.bias_with_rounding[ots].ravel(),
-            program.shifts[ots].ravel(),
-            program.conv.relu,
-            channel_axis=-1,
-        )
-        result = result.reshape(count, g.out_height, g.out_width, len(ots) * c.BLOCK_OUT)
-        for j, ot in enumerate(ots):  # dropping the padding lanes
-            low, high = ot * c.BLOCK_OUT, min((ot + 1) * c.BLOCK_OUT, g.out_channels)
-            out[images, :, :, low:high] = result[..., j * c.BLOCK_OUT : j * c.BLOCK_OUT + high - low]
-
     groups = program.tile_groups
     chunks = max(-(-batch // IMAGES_PER_TASK), 2 if len(groups) == 1 and batch > 1 else 1)
     bounds = np.linspace(0, batch, chunks + 1).astype(int)
-    list(_POOL.map(run, [(group, slice(a, b)) for group in groups for a, b in zip(bounds[:-1], bounds[1:])]))
+    tasks = [(group, slice(a, b)) for group in groups for a, b in zip(bounds[:-1], bounds[1:])]
+    list(_POOL.map(lambda task: _run_task(program, items, residual, out, *task), tasks))
     return out
+
+
+def _run_task(
+    program: Program, items: np.ndarray, residual: np.ndarray | None, out: np.ndarray, group: TileGroup, images: slice
+) -> None:
+    """One set of output-channel tiles for some images: accumulate, add the residual, requantize, write ``out``."""
+    g, c = program.geometry, program.config
+    ots, its, positions, weights = group
+    acc = _accumulate(program, items, images, its, positions, weights, len(ots) * c.BLOCK_OUT)
+    count = images.stop - images.start
+    if residual is not None:
+        _add_residual(
+            program, acc.reshape(count, g.out_height, g.out_width, len(ots), c.BLOCK_OUT), residual[images], ots
+        )
+    result = requantize(
+        acc, program.bias_with_rounding[ots].ravel(), program.shifts[ots].ravel(), program.conv.relu, channel_axis=-1
+    )
+    result = result.reshape(count, g.out_height, g.out_width, len(ots) * c.BLOCK_OUT)
+    for j, ot in enumerate(ots):  # dropping the padding lanes
+        low, high = ot * c.BLOCK_OUT, min((ot + 1) * c.BLOCK_OUT, g.out_channels)
+        out[images, :, :, low:high] = result[..., j * c.BLOCK_OUT : j * c.BLOCK_OUT + high - low]
+
+
+def _add_residual(program: Program, lanes: np.ndarray, residual: np.ndarray, ots: list[int]) -> None:
+    """The fused Add: ``lanes`` (int32 ``[B, OH, OW, len(ots), BLOCK_OUT]``) += residual aligned to the accumulator."""
+    block_out, channels = program.config.BLOCK_OUT, program.geometry.out_channels
+    for j, ot in enumerate(ots):
+        low, high = ot * block_out, min((ot + 1) * block_out, channels)
+        aligned = shift_right(residual[..., low:high], -program.residual_shifts[ot, : high - low])  # SHR by -align
+        np.add(lanes[..., j, : high - low], aligned, out=lanes[..., j, : high - low])

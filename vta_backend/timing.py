@@ -3,14 +3,8 @@
 VTA's load, compute and store modules each run their own instruction queue in order and
 synchronise through dependency-token queues (load->compute, compute->load,
 compute->store, store->compute). An instruction that pops a token cannot start before
-the instruction that pushed it has finished. Costs per instruction (from ``vta.md``):
-
-* GEMM: 80 cycles + one cycle per micro-op execution (reset included);
-* ALU: 46 cycles + one cycle per micro-op execution with an immediate, two with a tensor operand;
-* LOAD / STORE: 150 cycles + one cycle per bus beat (bus width of the board), plus one
-  cycle per padding element a LOAD writes as zero.
-
-The fixed overheads are those of TVM's fitted cost model; the fetch module is not modelled.
+the instruction that pushed it has finished. What each instruction costs is
+:mod:`vta_backend.cost`'s.
 """
 
 from __future__ import annotations
@@ -19,11 +13,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from vta_backend.config import VTAConfig
+from vta_backend.cost import instruction_cost
 from vta_backend.isa import AluInsn, GemmInsn, Insn, MemInsn, MemType, Opcode
-
-GEMM_OVERHEAD = 80
-ALU_OVERHEAD = 46
-DMA_OVERHEAD = 150
 
 CATEGORIES = ("load_inp", "load_wgt", "load_acc", "load_uop", "gemm", "alu", "store")
 MODULE_OF = {
@@ -50,6 +41,7 @@ class Timing:
 
     @property
     def module_busy(self) -> dict[str, int]:
+        """Busy cycles per module (load, compute, store)."""
         totals = {"load": 0, "compute": 0, "store": 0}
         for category, cycles in self.busy.items():
             totals[MODULE_OF[category]] += cycles
@@ -62,6 +54,7 @@ class Timing:
         return max(busy, key=busy.__getitem__)
 
     def add(self, other: "Timing") -> None:
+        """Accumulate another program's figures (the programs run one after the other)."""
         self.cycles += other.cycles
         self.gemm_uops += other.gemm_uops
         self.alu_uops += other.alu_uops
@@ -70,10 +63,16 @@ class Timing:
         for key in self.bytes:
             self.bytes[key] += other.bytes[key]
 
-
-def _beats(nbytes: int, config: VTAConfig) -> int:
-    bus_bytes = config.bus_bits // 8
-    return -(-nbytes // bus_bytes)
+    def record(self, insn: Insn, category: str, cycles: int, kind: str, nbytes: int) -> None:
+        """Count one instruction's busy cycles, bytes moved and micro-ops."""
+        if category != "finish":
+            self.busy[category] += cycles
+        if kind:
+            self.bytes[kind] += nbytes
+        if isinstance(insn, GemmInsn) and not insn.reset:
+            self.gemm_uops += insn.count
+        elif isinstance(insn, AluInsn):
+            self.alu_uops += insn.count
 
 
 def classify(insn: Insn) -> str:
@@ -95,29 +94,40 @@ def classify(insn: Insn) -> str:
     return "finish"
 
 
-def cost(insn: Insn, config: VTAConfig) -> tuple[int, str, int]:
-    """(cycles, memory kind, bytes moved) of one instruction."""
-    if isinstance(insn, MemInsn):
-        elements = insn.y_size * insn.x_size
-        kind, elem_bytes = {
-            MemType.INP: ("inp", config.inp_vector_bytes),
-            MemType.WGT: ("wgt", config.wgt_tile_bytes),
-            MemType.ACC: ("acc", config.acc_vector_bytes),
-            MemType.ACC_8BIT: ("acc", config.acc_vector_bytes // 4),
-            MemType.UOP: ("uop", 4),
-            MemType.OUT: ("out", config.BATCH * config.BLOCK_OUT),
-        }[insn.memory_type]
-        nbytes = elements * elem_bytes
-        padding = 0
-        if insn.opcode == Opcode.LOAD:
-            total = (insn.y_size + insn.y_pad_0 + insn.y_pad_1) * (insn.x_size + insn.x_pad_0 + insn.x_pad_1)
-            padding = total - elements
-        return DMA_OVERHEAD + _beats(nbytes, config) + padding, kind, nbytes
-    if isinstance(insn, GemmInsn):
-        return GEMM_OVERHEAD + insn.count, "", 0
-    if isinstance(insn, AluInsn):
-        return ALU_OVERHEAD + insn.count * (1 if insn.use_imm else 2), "", 0
-    return 0, "", 0
+class _TokenQueues:
+    """The four dependency-token queues; each token is the cycle its pushing instruction ended."""
+
+    NEIGHBOURS = {"load": (None, "compute"), "compute": ("load", "store"), "store": ("compute", None)}
+
+    def __init__(self) -> None:
+        pairs = (("load", "compute"), ("compute", "load"), ("compute", "store"), ("store", "compute"))
+        self.queues: dict[tuple[str, str], deque[int]] = {pair: deque() for pair in pairs}
+
+    def start(self, index: int, insn: Insn, category: str, module: str, ready: int) -> int:
+        """When the instruction can start: after its module is free and the tokens it pops exist."""
+        prev, nxt = self.NEIGHBOURS[module]
+        for flag, peer in ((insn.deps.pop_prev, prev), (insn.deps.pop_next, nxt)):
+            if flag:
+                queue = self.queues.get((peer, module)) if peer else None
+                if not queue:
+                    raise ValueError(f"instruction {index} ({category}) pops a token from {peer} that was never pushed")
+                ready = max(ready, queue.popleft())
+        return ready
+
+    def push(self, index: int, insn: Insn, category: str, module: str, end: int) -> None:
+        """Push the instruction's tokens, stamped with its end cycle."""
+        prev, nxt = self.NEIGHBOURS[module]
+        for flag, peer in ((insn.deps.push_prev, prev), (insn.deps.push_next, nxt)):
+            if flag:
+                if peer is None:
+                    raise ValueError(f"instruction {index} ({category}) pushes to a module that does not exist")
+                self.queues[(module, peer)].append(end)
+
+    def check_empty(self) -> None:
+        """Every token pushed was popped (raises ValueError otherwise)."""
+        leftover = {k: len(q) for k, q in self.queues.items() if q}
+        if leftover:
+            raise ValueError(f"tokens left in queues at the end of the program: {leftover}")
 
 
 def simulate_timing(insns: list[Insn], config: VTAConfig) -> Timing:
@@ -127,41 +137,16 @@ def simulate_timing(insns: list[Insn], config: VTAConfig) -> Timing:
     (the program would deadlock on hardware).
     """
     clock = {"load": 0, "compute": 0, "store": 0}
-    queues: dict[tuple[str, str], deque[int]] = {
-        (a, b): deque()
-        for a, b in (("load", "compute"), ("compute", "load"), ("compute", "store"), ("store", "compute"))
-    }
-    neighbours = {"load": (None, "compute"), "compute": ("load", "store"), "store": ("compute", None)}
+    tokens = _TokenQueues()
     timing = Timing()
     for index, insn in enumerate(insns):
         category = classify(insn)
         module = MODULE_OF[category]
-        prev, nxt = neighbours[module]
-        start = clock[module]
-        for flag, peer in ((insn.deps.pop_prev, prev), (insn.deps.pop_next, nxt)):
-            if flag:
-                queue = queues.get((peer, module)) if peer else None
-                if not queue:
-                    raise ValueError(f"instruction {index} ({category}) pops a token from {peer} that was never pushed")
-                start = max(start, queue.popleft())
-        cycles, kind, nbytes = cost(insn, config)
-        end = start + cycles
-        clock[module] = end
-        for flag, peer in ((insn.deps.push_prev, prev), (insn.deps.push_next, nxt)):
-            if flag:
-                if peer is None:
-                    raise ValueError(f"instruction {index} ({category}) pushes to a module that does not exist")
-                queues[(module, peer)].append(end)
-        if category != "finish":
-            timing.busy[category] += cycles
-        if kind:
-            timing.bytes[kind] += nbytes
-        if isinstance(insn, GemmInsn) and not insn.reset:
-            timing.gemm_uops += insn.count
-        elif isinstance(insn, AluInsn):
-            timing.alu_uops += insn.count
-    leftover = {k: len(q) for k, q in queues.items() if q}
-    if leftover:
-        raise ValueError(f"tokens left in queues at the end of the program: {leftover}")
+        start = tokens.start(index, insn, category, module, clock[module])
+        cycles, kind, nbytes = instruction_cost(insn, config)
+        clock[module] = start + cycles
+        tokens.push(index, insn, category, module, clock[module])
+        timing.record(insn, category, cycles, kind, nbytes)
+    tokens.check_empty()
     timing.cycles = max(clock.values())
     return timing

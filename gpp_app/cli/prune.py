@@ -1,0 +1,122 @@
+"""``gpp-onnx prune`` and ``gpp-onnx inspect``: pruning and looking at tile maps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from gpp_app.cli.common import (
+    JsonOpt,
+    ModelArg,
+    Output,
+    PlotOpt,
+    TileOpt,
+    check_plot_path,
+    command,
+    parse_tile,
+    progress,
+    stdout,
+)
+from gpp_app.recalibrate import DEFAULT_RECALIBRATION_IMAGES
+from gpp_onnx.model_io import check_input_path, check_output_path
+from gpp_onnx.patterns import pattern_names
+from gpp_onnx.pruner import DEFAULT_PATTERN, DEFAULT_SCOPE, DEFAULT_SPARSITY, PruneOptions
+from gpp_onnx.pruner import inspect as inspect_model
+from gpp_onnx.report import Report
+
+
+def print_report(report: Report, title: str) -> None:
+    """The per-layer table and the overall sparsity."""
+    table = Table(title=title, title_justify="left")
+    for column in ("layer", "weight", "shape", "tiles kept/total", "sparsity", "pattern", "status"):
+        table.add_column(column, justify="right" if column in ("tiles kept/total", "sparsity") else "left")
+    for row in report.layers:
+        status = row.status if row.reason is None else f"{row.status}: {row.reason}"
+        table.add_row(
+            row.name,
+            row.weight,
+            "x".join(map(str, row.shape)),
+            f"{row.tiles_kept}/{row.tiles_total}",
+            f"{row.sparsity:.1%}",
+            row.pattern or "-",
+            status,
+        )
+    stdout.print(table)
+    counted = "pruned" if any(r.status == "pruned" for r in report.layers) else "dense"
+    target = f" (target {report.target_sparsity:.1%})" if report.target_sparsity is not None else ""
+    stdout.print(f"overall sparsity of the {counted} layers: {report.sparsity:.2%}{target}, tile {report.tile}")
+
+
+def report_output(report: Report, title: str, plot: Path | None) -> Output:
+    """Write the tile-map plot (if asked) and describe the report for --json and for people."""
+    if plot is not None:
+        from gpp_app.plots import plot_tile_maps
+
+        plot_tile_maps(report, plot)
+
+    def show() -> None:
+        print_report(report, title)
+        if plot is not None:
+            stdout.print(f"tile maps written to {plot}")
+
+    return Output(report.to_dict(), show)
+
+
+@command
+def prune(
+    model: ModelArg,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Output model [default: MODEL-pruned.onnx].")
+    ] = None,
+    sparsity: Annotated[
+        float, typer.Option("--sparsity", "-s", help="Fraction of prunable weights to zero, in [0, 1).")
+    ] = DEFAULT_SPARSITY,
+    pattern: Annotated[str, typer.Option("--pattern", "-p", help=f"{', '.join(pattern_names())}.")] = DEFAULT_PATTERN,
+    scope: Annotated[
+        str, typer.Option("--scope", help="layer (each layer at the target) or global (one ranking).")
+    ] = DEFAULT_SCOPE,
+    tile: TileOpt = None,
+    exclude: Annotated[
+        Optional[list[str]],
+        typer.Option("--exclude", "-x", help="Regex on node or weight names to keep dense; repeatable."),
+    ] = None,
+    include_fc: Annotated[
+        bool, typer.Option("--include-fc", help="Also prune Gemm/MatMul with constant weights.")
+    ] = False,
+    as_json: JsonOpt = False,
+    plot: PlotOpt = None,
+    recalibrate_data: Annotated[
+        Optional[Path],
+        typer.Option("--recalibrate", help="Then match each pruned conv's output statistics to MODEL's on this data."),
+    ] = None,
+    recalibrate_images: Annotated[
+        int, typer.Option("--recalibrate-images", help="Train images for that.")
+    ] = DEFAULT_RECALIBRATION_IMAGES,
+) -> Output:
+    """Prune the conv weights of MODEL and write the sparse-tile annotation into the output."""
+    from gpp_app.pipeline import prune_file
+
+    check_input_path(model)
+    output = output or model.with_name(model.stem + "-pruned.onnx")
+    check_output_path(output, [model])
+    check_plot_path(plot, [model, output])
+    options = PruneOptions(sparsity, pattern, scope, parse_tile(tile), tuple(exclude or ()), include_fc)
+    report = prune_file(model, output, options, recalibrate_data, recalibrate_images, track=progress)
+    return report_output(report, f"{model} -> {output}", plot)
+
+
+@command
+def inspect(model: ModelArg, as_json: JsonOpt = False, plot: PlotOpt = None, tile: TileOpt = None) -> Output:
+    """Show MODEL's prunable layers: tiles kept, sparsity, pattern, and why layers were skipped."""
+    check_plot_path(plot, [model])
+    return report_output(inspect_model(model, tile=parse_tile(tile)), str(model), plot)
+
+
+def version() -> None:
+    """Print the gpp-onnx version."""
+    from gpp_onnx import __version__
+
+    stdout.print(__version__)

@@ -1,0 +1,184 @@
+"""``gpp-onnx recalibrate``, ``finetune`` and ``sweep``: recovering accuracy after pruning."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import Progress, TextColumn
+from rich.table import Table
+
+from gpp_app.cli.common import (
+    DataOpt,
+    EvalLimitOpt,
+    JsonOpt,
+    ModelArg,
+    Output,
+    command,
+    parse_list,
+    progress,
+    stderr,
+    stdout,
+)
+from gpp_app.data import default_data_dir
+from gpp_app.finetune import FinetuneOptions
+from gpp_app.recalibrate import DEFAULT_RECALIBRATION_IMAGES
+from gpp_app.sweep import DEFAULT_SPARSITIES, SweepOptions
+from gpp_onnx.model_io import check_input_path, check_output_path
+from gpp_onnx.patterns import pattern_names
+
+
+@command
+def recalibrate_command(
+    model: ModelArg,
+    dense: Annotated[Path, typer.Option("--dense", help="The unpruned model MODEL was pruned from.")],
+    data_dir: DataOpt = None,
+    images: Annotated[
+        int, typer.Option("--images", help="Train images to match statistics on.")
+    ] = DEFAULT_RECALIBRATION_IMAGES,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Output model [default: MODEL-recal.onnx].")
+    ] = None,
+    eval_limit: EvalLimitOpt = None,
+    as_json: JsonOpt = False,
+) -> Output:
+    """Fit each pruned conv's output statistics to the dense model's (ONNX only); report test accuracy."""
+    from gpp_app.pipeline import recalibrate_file
+
+    check_input_path(model)
+    output = output or model.with_name(model.stem + "-recal.onnx")
+    check_output_path(output, [model, dense])
+    result = recalibrate_file(model, dense, data_dir or default_data_dir(), output, images, eval_limit, progress)
+
+    def show() -> None:
+        stdout.print(
+            f"{output}: test accuracy (ONNX Runtime fp32, {result.test_images:,} images of {result.data}) "
+            f"{result.accuracy_before:.2%} -> {result.accuracy_after:.2%} after recalibrating on {images} train images"
+        )
+
+    return Output(result.to_dict(), show)
+
+
+@command
+def finetune(
+    model: ModelArg,
+    data_dir: DataOpt = None,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Output model [default: MODEL-ft.onnx].")
+    ] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the train split.")] = FinetuneOptions.epochs,
+    lr: Annotated[
+        float, typer.Option("--lr", help="Peak learning rate (SGD, momentum 0.9, wd 1e-4).")
+    ] = FinetuneOptions.lr,
+    batch: Annotated[int, typer.Option("--batch", help="Images per step.")] = FinetuneOptions.batch,
+    schedule: Annotated[str, typer.Option("--schedule", help="onecycle or cosine.")] = FinetuneOptions.schedule,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda [default: cuda if available].")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = FinetuneOptions.seed,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT.ckpt.")] = False,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Train on the first N images only.")] = None,
+    eval_limit: EvalLimitOpt = None,
+    as_json: JsonOpt = False,
+) -> Output:
+    """Fine-tune MODEL on the train split with its pruned tiles frozen at zero; evaluate on the test split."""
+    from gpp_app.pipeline import finetune_file
+
+    check_input_path(model)
+    output = output or model.with_name(model.stem + "-ft.onnx")
+    check_output_path(output, [model])
+    options = FinetuneOptions(
+        epochs=epochs, lr=lr, batch=batch, schedule=schedule, device=device, seed=seed, resume=resume, limit=limit
+    )
+    options.check()
+    with training_progress(epochs) as on_step:
+        result = finetune_file(model, data_dir or default_data_dir(), output, options, eval_limit, on_step, progress)
+
+    def show() -> None:
+        last = result.history[-1]
+        stdout.print(
+            f"{output}: {epochs} epochs, last train loss {last['loss']:.3f}, train accuracy "
+            f"{last['train_accuracy']:.2%}; test accuracy (ONNX Runtime fp32, {result.test_images:,} "
+            f"images of {result.data}) {result.test_accuracy:.2%}"
+        )
+
+    return Output(result.to_dict(), show)
+
+
+def _print_sweep(result, output: Path) -> None:
+    table = Table(title=f"{output}/results.csv (dense ORT {result.dense['accuracy_ort']:.2%})")
+    columns = {
+        "pattern": "pattern",
+        "target": "sparsity_target",
+        "achieved": "sparsity_achieved",
+        "before": "accuracy_before_ort",
+        "recalibrated": "accuracy_recalibrated_ort",
+        "after ORT": "accuracy_after_ort",
+        "after VTA": "accuracy_after_vta",
+        "VTA speedup (sim.)": "vta_speedup",
+        "error": "error",
+    }
+    for column in columns:
+        table.add_column(column)
+    for row in result.rows:
+        table.add_row(*["" if getattr(row, key) is None else str(getattr(row, key)) for key in columns.values()])
+    stdout.print(table)
+
+
+@command
+def sweep_command(
+    model: ModelArg,
+    data_dir: DataOpt = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Results folder.")] = Path("results"),
+    patterns: Annotated[str, typer.Option("--patterns", help="Comma-separated patterns.")] = ",".join(pattern_names()),
+    sparsities: Annotated[str, typer.Option("--sparsities", help="Comma-separated targets.")] = ",".join(
+        f"{s:g}" for s in DEFAULT_SPARSITIES
+    ),
+    epochs: Annotated[
+        int, typer.Option("--epochs", help="Fine-tuning epochs per point (0: none).")
+    ] = SweepOptions.epochs,
+    scope: Annotated[str, typer.Option("--scope", help="layer or global.")] = SweepOptions.scope,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", "-x", help="Layers kept dense (regex).")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Points run in parallel processes.")] = 1,
+    eval_limit: EvalLimitOpt = None,
+    as_json: JsonOpt = False,
+) -> Output:
+    """Prune, recalibrate, fine-tune and evaluate (ORT and VTA) every pattern x sparsity; CSV and plots."""
+    from gpp_app.sweep import sweep
+
+    check_input_path(model)
+    options = SweepOptions(
+        patterns=tuple(parse_list(patterns, "--patterns", str, "group,block")),
+        sparsities=tuple(parse_list(sparsities, "--sparsities", float, "0.5,0.7,0.9")),
+        epochs=epochs,
+        scope=scope,
+        exclude=tuple(exclude or ()),
+        workers=workers,
+        eval_limit=eval_limit,
+    )
+
+    def on_point(row) -> None:
+        status = row.error or f"after {row.accuracy_after_ort:.2%} (VTA {row.accuracy_after_vta:.2%})"
+        stderr.print(f"{row.pattern} {row.sparsity_target}: {status}", markup=False, highlight=False)
+
+    result = sweep(model, data_dir or default_data_dir(), output, options, on_point)
+    return Output(result.to_dict(), lambda: _print_sweep(result, output))
+
+
+@contextmanager
+def training_progress(epochs: int) -> Iterator:
+    """A progress bar with the running loss and accuracy (on a terminal), as an on_step callback."""
+    if not stderr.is_terminal:
+        yield lambda *args: None
+        return
+    columns = (*Progress.get_default_columns(), TextColumn("loss {task.fields[loss]:.3f} acc {task.fields[acc]:.1%}"))
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        tasks: dict[int, object] = {}
+
+        def on_step(epoch: int, step: int, steps: int, loss: float, accuracy: float) -> None:
+            if epoch not in tasks:
+                tasks[epoch] = bar.add_task(f"epoch {epoch + 1}/{epochs}", total=steps, loss=0.0, acc=0.0)
+            bar.update(tasks[epoch], completed=step + 1, loss=loss, acc=accuracy)
+
+        yield on_step

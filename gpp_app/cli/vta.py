@@ -1,0 +1,195 @@
+"""``gpp-onnx compile`` and ``gpp-onnx run``: the VTA backend and accuracy on CIFAR-10."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from gpp_app.cli.common import (
+    BoardOpt,
+    DataOpt,
+    JsonOpt,
+    ModelArg,
+    Output,
+    PerChannelOpt,
+    VtaConfigOpt,
+    command,
+    load_vta_config,
+    parse_floats,
+    parse_shape,
+    progress,
+    stdout,
+)
+from gpp_onnx.errors import UserError
+from gpp_onnx.model_io import check_input_path, check_output_path, load_model
+from vta_backend.calibration import CalibrationOptions
+from vta_backend.quantization import QuantizationOptions
+
+
+def quantization_options(per_channel: bool | None, activation_shift: int | None = None) -> QuantizationOptions:
+    """The options given on the command line over QuantizationOptions' defaults."""
+    given = {"per_channel": per_channel, "activation_shift": activation_shift}
+    return QuantizationOptions(**{k: v for k, v in given.items() if v is not None})
+
+
+def print_vta_report(report, title: str) -> None:
+    """Per-layer simulated cycles, the convs that stay on the CPU, and the totals."""
+    table = Table(title=title, title_justify="left")
+    for column in ("layer", "cycles", "limited by", "GEMM uops", "skipped", "tiles kept", "speedup", "Amdahl bound"):
+        table.add_column(
+            column,
+            justify="left" if column in ("layer", "limited by") else "right",
+            overflow="fold",
+            min_width=12 if column == "layer" else None,
+        )
+    for row in (layer.to_dict() for layer in report.layers):
+        table.add_row(
+            row["name"],
+            f"{row['cycles']:,}",
+            row["bound"],
+            f"{row['gemm_uops']:,}",
+            f"{row['gemm_uops_skipped']:,}",
+            f"{row['tiles_kept']}/{row['tiles_total']}",
+            f"{row['speedup']:.2f}x",
+            f"{row['amdahl_bound']:.2f}x",
+        )
+    stdout.print(table)
+    for entry in report.not_on_vta:
+        stdout.print(f"not on VTA: {entry.node}: {entry.reason}")
+    stdout.print(
+        f"simulated on VTA ({report.board}, {report.clock_mhz:g} MHz): {report.cycles:,} cycles = "
+        f"{report.simulated_ms:.3f} ms per image; speedup over dense {report.speedup:.2f}x, "
+        f"Amdahl bound {report.amdahl_bound:.2f}x (bias loads, requantization ALU ops and stores "
+        "do not shrink with pruning)"
+    )
+
+
+def _check_compile_output(output: Path, model: Path) -> None:
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output {output} is a file; give a folder path")
+    check_output_path(output / "summary.json" if output.is_dir() else output, [model])
+
+
+@command
+def compile_command(
+    model: ModelArg,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Output folder [default: MODEL-vta/].")
+    ] = None,
+    vta_config: VtaConfigOpt = None,
+    board: BoardOpt = None,
+    input_shape: Annotated[
+        Optional[str], typer.Option("--input-shape", help="Model input shape, e.g. 1x3x32x32.")
+    ] = None,
+    activation_shift: Annotated[
+        Optional[int],
+        typer.Option(
+            "--activation-shift",
+            help=f"Power-of-two shift of every activation (no calibration here) [default: "
+            f"{QuantizationOptions.activation_shift}].",
+            show_default=False,
+        ),
+    ] = None,
+    per_channel: PerChannelOpt = None,
+    as_json: JsonOpt = False,
+) -> Output:
+    """Compile MODEL's convs to VTA programs; write the binaries and report simulated cycles."""
+    from vta_backend.bundle import write_programs
+    from vta_backend.model import compile_model
+
+    check_input_path(model)
+    output = output or model.with_name(model.stem + "-vta")
+    _check_compile_output(output, model)
+    config = load_vta_config(vta_config, board)
+    quantization = quantization_options(per_channel, activation_shift)
+    loaded = load_model(model)
+    compiled = compile_model(loaded.model, config, parse_shape(input_shape), quantization=quantization, track=progress)
+    write_programs(compiled, output)
+    report = compiled.report()
+    return Output(
+        report.to_dict(), lambda: print_vta_report(report, f"{model} -> {output}/ (VTA programs; cycles simulated)")
+    )
+
+
+def print_run(result) -> None:
+    """The accuracy table (VTA, its ORT reference, the baseline), agreement and the VTA per-layer report."""
+    table = Table(
+        title=f"{result.model} on {result.images:,} {result.split} images ({result.data})", title_justify="left"
+    )
+    for column in ("backend", "top-1 accuracy", "images/s (host)"):
+        table.add_column(column, justify="left" if column == "backend" else "right")
+    label = "VTA (int8, simulator)" if result.backend == "vta" else "ONNX Runtime fp32"
+    table.add_row(label, f"{result.accuracy:.2%}", f"{result.images_per_second:,.0f}")
+    if result.reference is not None:
+        ref = result.reference
+        table.add_row("ONNX Runtime fp32 (same model)", f"{ref.accuracy:.2%}", f"{ref.images_per_second:,.0f}")
+    if result.baseline is not None:
+        base = result.baseline
+        table.add_row(f"baseline {base.model} (ORT fp32)", f"{base.accuracy:.2%}", f"{base.images_per_second:,.0f}")
+    stdout.print(table)
+    stdout.print(f"normalisation: mean {list(result.mean)}, std {list(result.std)}")
+    if result.vta is not None:
+        diff, calibration = result.logit_difference, result.calibration
+        stdout.print(
+            f"top-1 agreement with ONNX Runtime fp32: {result.agreement:.2%}; logit difference "
+            f"max {diff['max']:.3f}, mean {diff['mean']:.4f}; calibration: {calibration.method} "
+            f"on {calibration.images} train images" + (" (cached)" if calibration.cached else "")
+        )
+        print_vta_report(result.vta, "VTA per layer (cycles simulated, one image)")
+
+
+@command
+def run(
+    model: ModelArg,
+    backend: Annotated[str, typer.Option("--backend", "-b", help="vta (convs on the VTA simulator) or ort.")] = "vta",
+    data_dir: DataOpt = None,
+    split: Annotated[str, typer.Option("--split", help="test or train.")] = "test",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Use the first N images only.")] = None,
+    batch: Annotated[int, typer.Option("--batch", help="Images per batch.")] = 256,
+    mean: Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean [default: model metadata].")] = None,
+    std: Annotated[Optional[str], typer.Option("--std", help="Per-channel std [default: model metadata].")] = None,
+    calibration_method: Annotated[
+        str, typer.Option("--calibration-method", help="percentile, entropy or minmax.")
+    ] = CalibrationOptions.method,
+    calibration_images: Annotated[
+        int, typer.Option("--calibration-images", help="Train images to calibrate on.")
+    ] = CalibrationOptions.images,
+    per_channel: PerChannelOpt = None,
+    baseline: Annotated[
+        Optional[Path], typer.Option("--baseline", help="Also run this (unpruned) model on ORT.")
+    ] = None,
+    max_drop: Annotated[
+        Optional[float], typer.Option("--max-drop", help="Exit 1 if accuracy is more than POINTS below the reference.")
+    ] = None,
+    vta_config: VtaConfigOpt = None,
+    board: BoardOpt = None,
+    as_json: JsonOpt = False,
+) -> Output:
+    """Top-1 accuracy on CIFAR-10 with ONNX Runtime, or with the convs on the VTA simulator (checked against ORT)."""
+    from gpp_app import data
+    from gpp_app.evaluate import RunOptions, evaluate
+
+    if max_drop is not None and backend != "vta" and baseline is None:
+        raise UserError("--max-drop compares against a reference: use --backend vta, or pass --baseline")
+    options = RunOptions(
+        backend=backend,
+        split=split,
+        limit=limit,
+        batch=batch,
+        mean=parse_floats(mean, "--mean"),
+        std=parse_floats(std, "--std"),
+        calibration=CalibrationOptions(method=calibration_method, images=calibration_images),
+        quantization=quantization_options(per_channel),
+        baseline=baseline,
+        vta_config=load_vta_config(vta_config, board) if backend == "vta" else None,
+    )
+    options.check()
+    check_input_path(model)
+    result = evaluate(model, data_dir or data.default_data_dir(), options, track=progress)
+    drop = result.accuracy_drop_points
+    failed = max_drop is not None and drop is not None and drop > max_drop
+    message = f"accuracy is {drop:.2f} points below the reference, more than --max-drop {max_drop}" if failed else None
+    return Output(result.to_dict(), lambda: print_run(result), 1 if failed else 0, message)

@@ -1,0 +1,200 @@
+"""CIFAR-10 in the layouts people have, streamed in preprocessed batches.
+
+Accepted layouts (detected from the path):
+
+* ``pickle``: the python release ``cifar-10-batches-py`` (``data_batch_1..5``, ``test_batch``);
+  dictionary keys may be bytes or str, as files differ in how they were pickled;
+* ``binary``: the binary release ``cifar-10-batches-bin`` (``data_batch_1..5.bin``,
+  ``test_batch.bin``; 3073-byte records: label, then 3x32x32 channel-major pixels);
+* ``folder``: image folders ``train|test/<class>/*.png|jpg`` (class index = position of
+  the folder name in CIFAR-10's label order, else in sorted order).
+
+The path may also be a folder holding one of these. Images stream in batches, so memory
+does not grow with the number of images.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gpp_onnx.errors import UserError
+from gpp_onnx.normalization import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (re-exported for callers)
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+LAYOUTS_HELP = (
+    "accepted layouts: cifar-10-batches-py (python pickle), cifar-10-batches-bin (binary), "
+    "or image folders train|test/<class>/*.png|jpg"
+)
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+_RECORD = 3073
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A located CIFAR-10 copy: its layout and root folder."""
+
+    layout: str  # "pickle", "binary" or "folder"
+    root: Path
+
+    def describe(self) -> str:
+        """What the data are, saying so when the images are JPEG (lossy: pixels differ from the release)."""
+        kind = {
+            "pickle": "CIFAR-10 python pickle release",
+            "binary": "CIFAR-10 binary release",
+            "folder": "image folders",
+        }[self.layout]
+        if self.layout == "folder" and next(self.root.glob("*/*/*.jp*g"), None) is not None:
+            kind += " of JPEG files (recompressed: pixels differ from the official release)"
+        return f"{kind} at {self.root}"
+
+
+def _split_files(root: Path, split: str, suffix: str) -> list[Path]:
+    names = ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
+    return [root / (n + suffix) for n in names if (root / (n + suffix)).is_file()]
+
+
+def locate(path: str | Path) -> Dataset:
+    """Detect the layout of a CIFAR-10 copy at ``path`` (or in a folder directly below it)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"data folder {path} does not exist; {LAYOUTS_HELP}")
+    if not path.is_dir():
+        raise UserError(f"data path {path} is not a folder; {LAYOUTS_HELP}")
+    for candidate in [path] + sorted(p for p in path.iterdir() if p.is_dir()):
+        if (candidate / "test_batch").is_file() or (candidate / "data_batch_1").is_file():
+            return Dataset("pickle", candidate)
+        if (candidate / "test_batch.bin").is_file() or (candidate / "data_batch_1.bin").is_file():
+            return Dataset("binary", candidate)
+        if any((candidate / s).is_dir() for s in ("train", "test")):
+            return Dataset("folder", candidate)
+    raise UserError(f"no CIFAR-10 data found in {path}; {LAYOUTS_HELP}")
+
+
+def _load_pickle(file: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(file, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise UserError(f"{file} is not a readable CIFAR-10 pickle batch ({exc})") from None
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    try:
+        data = np.asarray(batch["data"], np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch.get("labels", batch.get("fine_labels")), np.int64)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise UserError(f"{file} does not hold CIFAR-10 'data' and 'labels' ({exc})") from None
+    return data, labels
+
+
+def _load_binary(file: Path) -> tuple[np.ndarray, np.ndarray]:
+    raw = np.fromfile(file, np.uint8)
+    if raw.size % _RECORD:
+        raise UserError(f"{file} is not a CIFAR-10 binary batch (size is not a multiple of {_RECORD} bytes)")
+    records = raw.reshape(-1, _RECORD)
+    return records[:, 1:].reshape(-1, 3, 32, 32), records[:, 0].astype(np.int64)
+
+
+def _folder_files(root: Path, split: str) -> list[tuple[Path, int]]:
+    """Image files of a split with their labels, interleaved across classes (so any prefix is balanced)."""
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise UserError(f"{root} has no '{split}' folder; {LAYOUTS_HELP}")
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise UserError(f"{split_dir} has no class folders; {LAYOUTS_HELP}")
+    order = sorted(classes, key=lambda c: (CLASSES.index(c) if c in CLASSES else len(CLASSES), c))
+    per_class = [sorted(f for f in (split_dir / c).iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES) for c in order]
+    files = []
+    for rank in range(max(len(fs) for fs in per_class)):
+        for label, fs in enumerate(per_class):
+            if rank < len(fs):
+                files.append((fs[rank], label))
+    return files
+
+
+def _decode(file: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as image:
+            return np.asarray(image.convert("RGB"), np.uint8).transpose(2, 0, 1)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise UserError(f"{file} is not a readable image ({exc})") from None
+
+
+def iter_uint8(
+    dataset: Dataset, split: str, batch: int, limit: int | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Batches of ``(uint8 [B, 3, H, W] images, int64 labels)`` of a split, in a fixed order."""
+    if batch < 1:
+        raise UserError(f"batch size {batch} is below 1; pass --batch 1 or more")
+    remaining = limit if limit is not None else None
+    if dataset.layout == "folder":
+        files = _folder_files(dataset.root, split)[:limit]
+        for start in range(0, len(files), batch):
+            chunk = files[start : start + batch]
+            yield np.stack([_decode(f) for f, _ in chunk]), np.array([label for _, label in chunk], np.int64)
+        return
+    suffix, loader = ("", _load_pickle) if dataset.layout == "pickle" else (".bin", _load_binary)
+    files = _split_files(dataset.root, split, suffix)
+    if not files:
+        raise UserError(f"{dataset.root} has no {split} batches; {LAYOUTS_HELP}")
+    for file in files:
+        images, labels = loader(file)
+        if remaining is not None:
+            images, labels = images[:remaining], labels[:remaining]
+            remaining -= len(labels)
+        for start in range(0, len(labels), batch):
+            yield images[start : start + batch], labels[start : start + batch]
+        if remaining is not None and remaining <= 0:
+            return
+
+
+def count(dataset: Dataset, split: str, limit: int | None = None) -> int:
+    """How many images ``iter_uint8`` yields (without decoding images)."""
+    if dataset.layout == "folder":
+        total = len(_folder_files(dataset.root, split))
+    else:
+        suffix = "" if dataset.layout == "pickle" else ".bin"
+        total = 0
+        for file in _split_files(dataset.root, split, suffix):
+            total += len(_load_pickle(file)[1]) if dataset.layout == "pickle" else file.stat().st_size // _RECORD
+    return min(total, limit) if limit is not None else total
+
+
+def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """uint8 NCHW -> float32 NCHW scaled to [0, 1], minus mean, over std (per channel)."""
+    mean_arr = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
+    std_arr = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
+    return ((images.astype(np.float32) / 255.0 - mean_arr) / std_arr).astype(np.float32)
+
+
+def default_data_dir() -> Path:
+    """``$GPP_DATA_DIR/cifar10-jpeg``: where commands look when ``--data`` is not given."""
+    if not os.environ.get("GPP_DATA_DIR"):
+        raise UserError("pass --data DIR (a CIFAR-10 folder) or set GPP_DATA_DIR")
+    return Path(os.environ["GPP_DATA_DIR"]) / "cifar10-jpeg"
+
+
+def feeds(
+    dataset: Dataset,
+    input_name: str,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    split: str = "train",
+    batch: int = 100,
+    limit: int | None = None,
+) -> Iterator[Mapping[str, np.ndarray]]:
+    """Normalised batches of a split as ONNX Runtime input dictionaries (for calibration), streamed."""
+    for images, _ in iter_uint8(dataset, split, batch, limit):
+        yield {input_name: normalize(images, mean, std)}
+
+
+def describe_feeds(dataset: Dataset, split: str, mean: tuple[float, ...], std: tuple[float, ...]) -> str:
+    """What :func:`feeds` yields, in words: a cache key for results computed from them."""
+    return f"{dataset.describe()}; {split} split; mean {list(mean)}, std {list(std)}"

@@ -1,0 +1,272 @@
+"""Fine-tune an ONNX model on CIFAR-10 with its pruned weights frozen at zero (torch, optional).
+
+The model is converted with onnx2torch, trained on the train split (SGD with momentum,
+weight decay, random 4-pixel-padded crops and horizontal flips, a cosine or one-cycle
+learning rate), and the trained values are written back into the ONNX model's own
+initializers: the graph, the sparse-tile annotation and the metadata carry over. A
+checkpoint is written after every epoch; ``resume`` continues from it.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from numpy.lib.stride_tricks import sliding_window_view
+
+from gpp_app import data
+from gpp_app.torch_model import Trainable, import_training, to_trainable
+from gpp_onnx.annotation import read_annotation, validate_annotation
+from gpp_onnx.errors import UserError
+from gpp_onnx.files import atomic_path
+from gpp_onnx.model_io import load_model, save_model
+from gpp_onnx.normalization import normalization_for
+
+SCHEDULES = ("cosine", "onecycle")
+MAX_GRAD_NORM = 10.0
+StepCallback = Callable[[int, int, int, float, float], None]  # epoch, step, steps, loss, accuracy
+
+
+@dataclass
+class FinetuneOptions:
+    """The fine-tuning recipe; the defaults of ``finetune``, ``sweep`` and the CLI."""
+
+    epochs: int = 3
+    lr: float = 0.01  # peak of the one-cycle schedule; BN is folded into the convs, so no large constant rates
+    batch: int = 128
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "onecycle"
+    device: str | None = None  # cuda when available
+    seed: int = 0
+    resume: bool = False
+    limit: int | None = None  # train on the first N images only
+
+    def check(self) -> None:
+        """Raise UserError for options that cannot work, before any training starts."""
+        if self.epochs < 1:
+            raise UserError(f"--epochs {self.epochs} is below 1")
+        if self.batch < 1:
+            raise UserError(f"batch size {self.batch} is below 1; pass --batch 1 or more")
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"--limit {self.limit} is below 1")
+        if not self.lr > 0:
+            raise UserError(f"--lr {self.lr} must be above 0")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        if self.device not in (None, "cpu", "cuda"):
+            raise UserError(f"unknown device {self.device!r}; use cpu or cuda")
+
+
+@functools.lru_cache(maxsize=2)
+def split_in_memory(root: str, layout: str, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """A whole split as uint8 ``[N, 3, 32, 32]`` and labels (decoded once per process)."""
+    batches = list(data.iter_uint8(data.Dataset(layout, Path(root)), split, 1000, limit))
+    return np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches])
+
+
+def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random 32x32 crops of the 4-pixel zero-padded images, half of them flipped left-right."""
+    count, _, height, width = images.shape
+    padded = np.pad(images, ((0, 0), (0, 0), (4, 4), (4, 4)))
+    windows = sliding_window_view(padded, (height, width), axis=(2, 3))  # [B, C, 9, 9, H, W]
+    dy, dx = rng.integers(0, 9, count), rng.integers(0, 9, count)
+    crops = windows[np.arange(count), :, dy, dx]
+    flip = rng.random(count) < 0.5
+    crops[flip] = crops[flip, :, :, ::-1]
+    return crops
+
+
+def _device(torch, requested: str | None) -> str:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available; use --device cpu")
+    return requested or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _save_checkpoint(torch, path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def checkpoint_path(output: Path) -> Path:
+    """Where the per-epoch checkpoint of a run writing ``output`` lives."""
+    return output.with_name(output.name + ".ckpt")
+
+
+@dataclass
+class _Trainer:
+    """The state of one fine-tuning run."""
+
+    torch: object
+    trainable: Trainable
+    optimizer: object
+    schedule: object
+    images: np.ndarray
+    labels: np.ndarray
+    normalize: Callable
+    options: FinetuneOptions
+    device: str
+    history: list
+
+    @property
+    def params(self) -> list:
+        return [p for p, _ in self.trainable.parameters.values()]
+
+    def epoch(self, epoch: int, on_step: StepCallback) -> None:
+        torch, options, module = self.torch, self.options, self.trainable.module
+        rng = np.random.default_rng([options.seed, epoch])
+        order = rng.permutation(len(self.labels))
+        steps = -(-len(order) // options.batch)
+        module.train()
+        seen = correct = 0
+        loss_sum, began = 0.0, time.perf_counter()
+        for step in range(steps):
+            index = order[step * options.batch : (step + 1) * options.batch]
+            x = self.normalize(torch.from_numpy(augment(self.images[index], rng)).to(self.device))
+            y = torch.from_numpy(self.labels[index]).to(self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            logits = module(x)
+            loss = torch.nn.functional.cross_entropy(logits, y)
+            loss.backward()
+            if not torch.isfinite(loss):
+                raise UserError(f"training diverged (loss {float(loss)}) in epoch {epoch + 1}; lower --lr")
+            torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)  # BN is folded: no layer rescales the steps
+            self.optimizer.step()
+            self.schedule.step()
+            self.trainable.apply_masks()
+            seen += len(index)
+            loss_sum += float(loss.detach()) * len(index)
+            correct += int((logits.argmax(1) == y).sum())
+            on_step(epoch, step, steps, loss_sum / seen, correct / seen)
+        self.history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": loss_sum / seen,
+                "train_accuracy": correct / seen,
+                "seconds": time.perf_counter() - began,
+            }
+        )
+
+    def state(self) -> dict:
+        return {
+            "epoch": len(self.history),
+            "module": self.trainable.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "history": self.history,
+            "options": asdict(self.options),
+        }
+
+    def restore(self, state: dict) -> None:
+        if {**state["options"], "resume": self.options.resume} != asdict(self.options):
+            raise UserError("the checkpoint was written with other options; rerun without --resume")
+        self.trainable.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.history[:] = state["history"]
+
+
+def train(
+    model: onnx.ModelProto,
+    dataset: data.Dataset,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    options: FinetuneOptions,
+    checkpoint: Path | None = None,
+    on_step: StepCallback = lambda *args: None,
+) -> tuple[Trainable, list[dict]]:
+    """Train ``model``'s weights (frozen zeros stay zero); returns the module and per-epoch stats."""
+    torch, _ = import_training()
+    options.check()
+    device = _device(torch, options.device)
+    torch.manual_seed(options.seed)
+    images, labels = split_in_memory(str(dataset.root), dataset.layout, "train", options.limit)
+    trainable = to_trainable(model)
+    trainable.module.to(device)
+    trainable.frozen = {name: mask.to(device) for name, mask in trainable.frozen.items()}
+    params = [p for p, _ in trainable.parameters.values()]
+    optimizer = torch.optim.SGD(params, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay)
+    total = -(-len(labels) // options.batch) * options.epochs
+    if options.schedule == "onecycle":
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=options.lr, total_steps=total)
+    else:
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    trainer = _Trainer(
+        torch,
+        trainable,
+        optimizer,
+        schedule,
+        images,
+        labels,
+        lambda x: x.float().div_(255).sub_(mean_t).div_(std_t),
+        options,
+        device,
+        [],
+    )
+    if options.resume and checkpoint is not None and checkpoint.exists():
+        trainer.restore(torch.load(checkpoint, map_location=device, weights_only=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's notes on onnx2torch's indexing, every step
+        for epoch in range(len(trainer.history), options.epochs):
+            trainer.epoch(epoch, on_step)
+            if checkpoint is not None:
+                _save_checkpoint(torch, checkpoint, trainer.state())
+    trainable.module.cpu()
+    return trainable, trainer.history
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tuning run did; ``test_accuracy`` is filled in by whoever evaluates the output."""
+
+    model: str
+    output: str
+    data: str
+    epochs: int
+    frozen_weights: int  # weights held at exactly zero (the pruned tiles)
+    history: list[dict]  # per epoch: epoch, loss, train_accuracy, seconds
+    options: FinetuneOptions
+    test_accuracy: float | None = None
+    test_images: int | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON form (the ``finetune --json`` document)."""
+        doc = {k: getattr(self, k) for k in ("model", "output", "data", "epochs", "frozen_weights", "history")}
+        doc["options"] = asdict(self.options)
+        doc.update(test_accuracy=self.test_accuracy, test_images=self.test_images)
+        return doc
+
+
+def finetune(
+    model_path: Path,
+    data_path: Path,
+    output: Path,
+    options: FinetuneOptions,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    on_step: StepCallback = lambda *args: None,
+) -> FinetuneResult:
+    """Fine-tune the model at ``model_path`` and write the result to ``output`` (atomically)."""
+    options.check()
+    import_training()
+    loaded = load_model(model_path)
+    dataset = data.locate(data_path)
+    mean, std = normalization_for(loaded.model, mean, std)
+    tuned = onnx.ModelProto()
+    tuned.CopyFrom(loaded.model)
+    trainable, history = train(tuned, dataset, mean, std, options, checkpoint_path(output), on_step)
+    trainable.write_back(tuned)
+    annotation = read_annotation(tuned)
+    if annotation is not None:
+        validate_annotation(tuned, annotation)  # the pruned tiles are still exactly zero
+    save_model(tuned, output, external_data=loaded.had_external_data)
+    frozen = int(sum(int(m.sum()) for m in trainable.frozen.values()))
+    return FinetuneResult(str(model_path), str(output), dataset.describe(), options.epochs, frozen, history, options)

@@ -1,0 +1,89 @@
+"""The PNG figures: each pruned layer's tile map, and the sweep's accuracy and speedup curves."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from gpp_onnx.errors import UserError
+from gpp_onnx.files import atomic_path
+from gpp_onnx.report import Report
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a figure as a PNG atomically (the user's umask decides its mode) and close it."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        _pyplot().close(fig)
+
+
+def plot_tile_maps(report: Report, path: Path) -> None:
+    """One panel per layer: rows are output-channel tiles (all groups), columns are
+    input-channel tiles x kernel positions."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
+    rows = [r for r in report.layers if r.kept is not None and r.status != "skipped"]
+    if not rows:
+        raise UserError("no layer has a tile map to plot")
+    cols = min(4, len(rows))
+    lines = math.ceil(len(rows) / cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(4 * cols, 2.6 * lines), squeeze=False)
+    for ax in axes.ravel()[len(rows) :]:
+        ax.axis("off")
+    for ax, row in zip(axes.ravel(), rows):
+        g, ot, it, p = row.kept.shape
+        image = row.kept.reshape(g * ot, it * p).astype(float)
+        ax.imshow(image, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        ax.set_title(f"{row.name[:28]}\n{row.tiles_kept}/{row.tiles_total} tiles kept", fontsize=8)
+        ax.set_xlabel(f"ic_tile x position ({it}x{p})", fontsize=7)
+        ax.set_ylabel(f"oc_tile ({g * ot})", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(
+        f"Kept weight tiles (tile {report.tile}; yellow kept, purple pruned); overall sparsity {report.sparsity:.1%}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_sweep(rows: list, dense_accuracy: float, out_dir: Path, title: str) -> None:
+    """accuracy.png and speedup.png against sparsity, one line per pattern (``rows``: SweepRow)."""
+    plt = _pyplot()
+    good = [r for r in rows if not r.error and r.accuracy_after_ort is not None]
+    patterns = list(dict.fromkeys(r.pattern for r in good))
+    epochs = ", ".join(str(e) for e in sorted({r.epochs for r in good}))
+    for name, column, ylabel, reference in (
+        ("accuracy.png", "accuracy_after_ort", "top-1 accuracy after fine-tuning (ORT fp32)", dense_accuracy),
+        ("speedup.png", "vta_speedup", "VTA speedup over dense (simulated cycles)", 1.0),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for pattern in patterns:
+            points = sorted(
+                (r.sparsity_target, getattr(r, column))
+                for r in good
+                if r.pattern == pattern and getattr(r, column) is not None
+            )
+            if points:
+                ax.plot(*zip(*points), marker="o", label=pattern)
+        ax.axhline(reference, color="gray", linestyle="--", label="dense" if column != "vta_speedup" else "1x")
+        ax.set_xlabel("target sparsity")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}\ntest split; fine-tuning epochs: {epochs}", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        save_figure(fig, out_dir / name)

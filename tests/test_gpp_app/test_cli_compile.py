@@ -1,0 +1,109 @@
+"""``gpp-onnx compile``: ONNX model in, VTA program binaries and simulated figures out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from helpers import conv_model, run_cli
+from onnx import numpy_helper
+
+import gpp_onnx
+from vta_backend import VTAConfig
+from vta_backend.isa import decode_program
+from vta_backend.model import compile_model
+
+
+def two_conv_model(rng) -> onnx.ModelProto:
+    ws = [
+        rng.standard_normal((32, 16, 3, 3)).astype(np.float32),
+        rng.standard_normal((64, 32, 3, 3)).astype(np.float32),
+    ]
+    return conv_model(ws, [1, 16, 8, 8], attrs=[{"pads": [1] * 4}, {"pads": [1] * 4, "strides": [2, 2]}])
+
+
+@pytest.fixture
+def pruned_path(tmp_path, rng) -> Path:
+    pruned, _ = gpp_onnx.prune(two_conv_model(rng), 0.6)
+    path = tmp_path / "pruned.onnx"
+    onnx.save(pruned, path)
+    return path
+
+
+def test_compile_writes_binaries_and_reports_json(capsys, pruned_path, tmp_path):
+    out = tmp_path / "vta"
+    code, stdout, _ = run_cli(capsys, "compile", str(pruned_path), "-o", str(out), "--json")
+    assert code == 0
+    summary = json.loads(stdout)
+    assert summary["simulated"] is True and summary["gemm_uops_skipped"] > 0
+    assert {"gemm_uops", "gemm_uops_skipped", "cycles", "layers", "placement"} <= set(summary)
+    assert [(p["node"], p["device"]) for p in summary["placement"]] == [("conv0", "vta"), ("conv1", "vta")]
+    assert [layer["name"] for layer in summary["layers"]] == ["conv0", "conv1"]
+    assert summary["cycles"] == sum(layer["cycles"] for layer in summary["layers"])
+    assert 1.0 < summary["speedup"] <= summary["amdahl_bound"]
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["cycles"] == summary["cycles"]
+    program = decode_program((out / "000_conv0.insn.bin").read_bytes(), VTAConfig())
+    assert len(program) == on_disk["files"]["conv0"]["instructions"]
+    assert (out / "000_conv0.uop.bin").stat().st_size == 4 * on_disk["files"]["conv0"]["uops"]
+
+
+def test_compile_table_labels_figures_simulated(capsys, pruned_path, tmp_path):
+    code, stdout, _ = run_cli(capsys, "compile", str(pruned_path), "-o", str(tmp_path / "vta"))
+    assert code == 0 and "simulated" in stdout and "Amdahl bound" in stdout
+
+
+def test_pruned_model_needs_fewer_gemm_uops_than_dense(rng):
+    model = two_conv_model(rng)
+    dense = compile_model(model, VTAConfig()).report()
+    pruned, _ = gpp_onnx.prune(model, 0.7)
+    sparse = compile_model(pruned, VTAConfig()).report()
+    assert dense.gemm_uops_skipped == 0
+    assert sparse.gemm_uops < 0.4 * dense.gemm_uops
+    assert sparse.cycles < dense.cycles
+
+
+def test_fused_relu_and_bias(rng):
+    model = two_conv_model(rng)
+    model.graph.initializer.append(numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "B0"))
+    model.graph.node[0].input.append("B0")
+    compiled = compile_model(model, VTAConfig())
+    conv = compiled.layers["conv0"].conv
+    assert conv.relu and conv.bias is not None and conv.bias.dtype == np.int32
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("unknown config key", "unknown key(s) LOG_BLOK"),
+        ("tiny buffers", "does not fit"),
+        ("tile mismatch", "pruned for 16x16 tiles"),
+        ("inconsistent annotation", "marked pruned hold nonzero"),
+    ],
+)
+def test_compile_bad_input(capsys, pruned_path, tmp_path, case, expected):
+    args = ["compile", str(pruned_path), "-o", str(tmp_path / "out")]
+    if case == "unknown config key":
+        args += ["--vta-config", str(write(tmp_path / "c.json", '{"LOG_BLOK": 4}'))]
+    elif case == "tiny buffers":
+        args += ["--vta-config", str(write(tmp_path / "c.json", '{"LOG_INP_BUFF_SIZE": 7}'))]
+    elif case == "tile mismatch":
+        args += ["--vta-config", str(write(tmp_path / "c.json", '{"LOG_BLOCK": 3}'))]
+    else:
+        model = onnx.load(pruned_path)
+        w = numpy_helper.to_array(model.graph.initializer[0]).copy()
+        w[w == 0] = 0.5
+        model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W0"))
+        onnx.save(model, pruned_path)
+    code, stdout, stderr = run_cli(capsys, *args)
+    assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert expected in stderr
+    assert not (tmp_path / "out").exists()

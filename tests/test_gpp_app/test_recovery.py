@@ -1,0 +1,250 @@
+"""Accuracy recovery: recalibration (ONNX only), masked fine-tuning (torch), and the sweep."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from helpers import run_cli, tiny_cnn
+from onnx import numpy_helper
+
+import gpp_onnx
+from gpp_app import data
+from gpp_app.recalibrate import _channel_stats, recalibrate
+from gpp_onnx import UserError
+from gpp_onnx.normalization import read_normalization
+
+
+@pytest.fixture
+def dense_path(model_path) -> Path:
+    return model_path
+
+
+@pytest.fixture
+def pruned_path(tmp_path, dense_path) -> Path:
+    pruned, _ = gpp_onnx.prune(dense_path, 0.5, exclude=["conv0"])
+    path = tmp_path / "pruned.onnx"
+    onnx.save(pruned, path)
+    return path
+
+
+def weights(path_or_model) -> dict[str, np.ndarray]:
+    model = onnx.load(path_or_model) if isinstance(path_or_model, Path) else path_or_model
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_recalibration_matches_dense_statistics_and_keeps_zeros(pruned_path, dense_path, data_dir):
+    pruned, dense = onnx.load(pruned_path), onnx.load(dense_path)
+    dataset = data.locate(data_dir)
+    result, folded = recalibrate(pruned, dense, "input", dataset, data.IMAGENET_MEAN, data.IMAGENET_STD, images=25)
+    assert [f["node"] for f in folded] == ["conv1", "conv2"]
+    calibration = [
+        data.normalize(x, data.IMAGENET_MEAN, data.IMAGENET_STD) for x, _ in data.iter_uint8(dataset, "train", 25)
+    ]
+    target = _channel_stats(dense, "input", ["c1", "c2"], calibration)
+    got = _channel_stats(result, "input", ["c1", "c2"], calibration)
+    for name in ("c1", "c2"):
+        np.testing.assert_allclose(got[name][0], target[name][0], atol=1e-3)  # means match
+        np.testing.assert_allclose(np.sqrt(got[name][1]), np.sqrt(target[name][1]), rtol=1e-3, atol=1e-4)  # stds
+    before, after = weights(pruned), weights(result)
+    for name in ("w1", "w2"):
+        np.testing.assert_array_equal(after[name] == 0, before[name] == 0)  # pruned tiles stay zero
+    gpp_onnx.validate_annotation(result, gpp_onnx.read_annotation(result))
+
+
+def test_recalibrate_command_and_prune_recalibrate(capsys, pruned_path, dense_path, data_dir, tmp_path):
+    out = tmp_path / "recal.onnx"
+    code, stdout, _ = run_cli(
+        capsys,
+        "recalibrate",
+        str(pruned_path),
+        "--dense",
+        str(dense_path),
+        "--data",
+        str(data_dir),
+        "--images",
+        "25",
+        "-o",
+        str(out),
+        "--json",
+    )
+    assert code == 0
+    summary = json.loads(stdout)
+    assert {"accuracy_before", "accuracy_after", "test_images"} <= set(summary) and out.exists()
+    out2 = tmp_path / "pruned-recal.onnx"
+    code, _, _ = run_cli(
+        capsys,
+        "prune",
+        str(dense_path),
+        "-o",
+        str(out2),
+        "--sparsity",
+        "0.5",
+        "--exclude",
+        "conv0",
+        "--recalibrate",
+        str(data_dir),
+        "--recalibrate-images",
+        "25",
+    )
+    assert code == 0
+    np.testing.assert_allclose(weights(out2)["w1"], weights(out)["w1"], rtol=1e-5, atol=1e-6)
+
+
+def test_recalibrate_needs_the_matching_dense_model(pruned_path, data_dir, tmp_path):
+    other = tiny_cnn()
+    other.graph.node[2].output[0] = "renamed"
+    other.graph.node[3].input[0] = "renamed"
+    with pytest.raises(UserError, match="dense model has no tensor 'c1'"):
+        recalibrate(
+            onnx.load(pruned_path), other, "input", data.locate(data_dir), data.IMAGENET_MEAN, data.IMAGENET_STD, 25
+        )
+
+
+def test_finetune_keeps_pruned_tiles_zero_and_carries_metadata(torch, capsys, pruned_path, data_dir, tmp_path):
+    out = tmp_path / "ft.onnx"
+    code, stdout, _ = run_cli(
+        capsys,
+        "finetune",
+        str(pruned_path),
+        "--data",
+        str(data_dir),
+        "--epochs",
+        "2",
+        "--batch",
+        "8",
+        "--lr",
+        "0.01",
+        "-o",
+        str(out),
+        "--json",
+    )
+    assert code == 0
+    result = json.loads(stdout)
+    assert len(result["history"]) == 2 and 0 <= result["test_accuracy"] <= 1 and result["frozen_weights"] > 0
+    before, after = weights(pruned_path), weights(out)
+    for name in ("w1", "w2"):
+        assert not np.array_equal(after[name], before[name])  # trained ...
+        np.testing.assert_array_equal(after[name][before[name] == 0], 0)  # ... with the pruned tiles exactly zero
+    tuned = onnx.load(out)
+    gpp_onnx.validate_annotation(tuned, gpp_onnx.read_annotation(tuned))
+    assert read_normalization(tuned) == read_normalization(onnx.load(pruned_path))
+    assert [n.op_type for n in tuned.graph.node] == [n.op_type for n in onnx.load(pruned_path).graph.node]
+    assert (tmp_path / "ft.onnx.ckpt").exists()
+
+
+def test_finetune_resume_continues_from_the_checkpoint(torch, pruned_path, data_dir, tmp_path):
+    from gpp_app.finetune import FinetuneOptions, finetune
+
+    out = tmp_path / "ft.onnx"
+    finetune(pruned_path, data_dir, out, FinetuneOptions(epochs=1, batch=8))
+    resumed = finetune(pruned_path, data_dir, out, FinetuneOptions(epochs=1, batch=8, resume=True))
+    assert len(resumed.history) == 1  # nothing left to train: the checkpoint already holds epoch 1
+    with pytest.raises(UserError, match="other options"):
+        finetune(pruned_path, data_dir, out, FinetuneOptions(epochs=1, batch=16, resume=True))
+
+
+def test_dense_model_finetunes_too(torch, dense_path, data_dir, tmp_path):
+    from gpp_app.finetune import FinetuneOptions, finetune
+
+    result = finetune(dense_path, data_dir, tmp_path / "dense-ft.onnx", FinetuneOptions(epochs=1, batch=8))
+    assert result.frozen_weights == 0
+
+
+def test_without_torch_the_command_says_what_to_install(capsys, pruned_path, data_dir, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("No module named 'torch'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    code, _, stderr = run_cli(
+        capsys, "finetune", str(pruned_path), "--data", str(data_dir), "-o", str(tmp_path / "x.onnx")
+    )
+    assert code == 2 and "pip install -e '.[train]'" in stderr and stderr.count("\n") == 1
+
+
+def test_sweep_writes_csv_and_plots_and_resumes(torch, capsys, dense_path, data_dir, tmp_path):
+    out = tmp_path / "sweep"
+    args = [
+        "sweep",
+        str(dense_path),
+        "--data",
+        str(data_dir),
+        "-o",
+        str(out),
+        "--patterns",
+        "group,block",
+        "--sparsities",
+        "0.5",
+        "--epochs",
+        "1",
+        "--exclude",
+        "conv0",
+    ]
+    code, _, _ = run_cli(capsys, *args)
+    assert code == 0
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["pattern"] for r in rows] == ["group", "block"] and not any(r["error"] for r in rows)
+    assert set(rows[0]) >= {
+        "pattern",
+        "sparsity_target",
+        "sparsity_achieved",
+        "epochs",
+        "accuracy_before_ort",
+        "accuracy_recalibrated_ort",
+        "accuracy_after_ort",
+        "accuracy_after_vta",
+        "vta_cycles",
+        "vta_speedup",
+    }
+    assert float(rows[0]["vta_speedup"]) > 1
+    for png in ("accuracy.png", "speedup.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    stamp = (out / "results.csv").stat().st_mtime_ns
+    assert run_cli(capsys, *args)[0] == 0  # resumed: nothing left to do
+    with open(out / "results.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    assert (out / "results.csv").stat().st_mtime_ns == stamp
+
+
+def test_a_failing_point_is_reported_and_the_others_go_on(capsys, dense_path, data_dir, tmp_path):
+    out = tmp_path / "sweep"
+    code, _, _ = run_cli(
+        capsys,
+        "sweep",
+        str(dense_path),
+        "--data",
+        str(data_dir),
+        "-o",
+        str(out),
+        "--patterns",
+        "group,channel",
+        "--sparsities",
+        "0.5",
+        "--epochs",
+        "0",
+        "--exclude",
+        ".*",
+    )
+    assert code == 0  # everything excluded: each point fails on its own
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all("no prunable layer" in r["error"] for r in rows)
+
+
+def test_a_diverging_run_stops_with_a_clear_error(torch, pruned_path, data_dir, tmp_path):
+    from gpp_app.finetune import FinetuneOptions, finetune
+
+    with pytest.raises(UserError, match="training diverged .* lower --lr"):
+        finetune(pruned_path, data_dir, tmp_path / "x.onnx", FinetuneOptions(epochs=3, batch=8, lr=1e12))
+    assert not (tmp_path / "x.onnx").exists()

@@ -1,0 +1,188 @@
+"""`gpp-onnx run` and VtaSession: ONNX Runtime with the convs on the VTA simulator, checked against ORT."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from helpers import run_cli, tiny_cnn, write_binary, write_folders, write_pickle
+from onnx import TensorProto, helper, numpy_helper
+
+import gpp_onnx
+from gpp_app import data
+from gpp_app.evaluate import calibrate_on_data
+from vta_backend.calibration import CalibrationOptions
+from vta_backend.session import VtaSession
+
+NORMALIZATION = (data.IMAGENET_MEAN, data.IMAGENET_STD)
+
+
+def cache_files() -> list[Path]:
+    return sorted(Path(os.environ["GPP_CACHE_DIR"]).glob("calibration-*.json"))
+
+
+def test_vta_session_behaves_like_an_inference_session(model_path, data_dir):
+    dataset = data.locate(data_dir)
+    before = set(model_path.parent.iterdir())
+    shifts, cached = calibrate_on_data(onnx.load(model_path), dataset, NORMALIZATION, CalibrationOptions("minmax", 25))
+    assert not cached and len(cache_files()) == 1
+    assert set(model_path.parent.iterdir()) == before  # nothing written beside the user's model
+    session = VtaSession(model_path, shifts)
+    reference = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input"]
+    x = data.normalize(next(data.iter_uint8(dataset, "test", 25))[0], data.IMAGENET_MEAN, data.IMAGENET_STD)
+    logits = session.run(None, {"input": x})[0]
+    expected = reference.run(None, {"input": x})[0]
+    assert logits.shape == expected.shape == (25, 10)
+    # int8 with power-of-two scales: close to fp32, not equal
+    assert 0 < np.abs(logits - expected).max() < 0.1 * np.abs(expected).max()
+    report = session.report()
+    placement = {p.node: p for p in report.placement}
+    assert placement["conv0"].device == "cpu" and "first conv" in placement["conv0"].reason
+    assert placement["conv1"].device == placement["conv2"].device == "vta"
+    assert report.to_dict()["simulated"] and report.cycles > 0
+    session.close()
+
+
+def test_calibration_is_cached_by_content(model_path, data_dir):
+    dataset, options = data.locate(data_dir), CalibrationOptions("percentile", 20)
+    first, _ = calibrate_on_data(onnx.load(model_path), dataset, NORMALIZATION, options)
+    again, cached = calibrate_on_data(onnx.load(model_path), dataset, NORMALIZATION, options)
+    assert cached and again == first
+    _, cached = calibrate_on_data(tiny_cnn(seed=1), dataset, NORMALIZATION, options)  # new weights: no cache hit
+    assert not cached
+
+
+def test_a_malformed_cache_entry_is_rebuilt(model_path, data_dir):
+    dataset, options = data.locate(data_dir), CalibrationOptions("minmax", 20)
+    first, _ = calibrate_on_data(onnx.load(model_path), dataset, NORMALIZATION, options)
+    (entry,) = cache_files()
+    doc = json.loads(entry.read_text())
+    doc["shifts"] = {name: "four" for name in doc["shifts"]}
+    entry.write_text(json.dumps(doc))
+    again, cached = calibrate_on_data(onnx.load(model_path), dataset, NORMALIZATION, options)
+    assert not cached and again == first
+
+
+def test_run_json_vta(capsys, model_path, data_dir):
+    code, stdout, _ = run_cli(
+        capsys,
+        "run",
+        str(model_path),
+        "--backend",
+        "vta",
+        "--data",
+        str(data_dir),
+        "--batch",
+        "8",
+        "--calibration-images",
+        "20",
+        "--json",
+    )
+    assert code == 0
+    result = json.loads(stdout)
+    assert result["backend"] == "vta" and result["images"] == 25 and 0 <= result["accuracy"] <= 1
+    assert {"accuracy", "images_per_second"} <= set(result["reference"])
+    assert 0.5 <= result["agreement"] <= 1
+    assert {"cycles", "gemm_uops", "gemm_uops_skipped", "simulated_ms", "layers"} <= set(result["vta"])
+    assert [layer["name"] for layer in result["vta"]["layers"]] == ["conv1", "conv2"]
+
+
+def test_run_on_a_pruned_model_skips_tiles(capsys, model_path, data_dir, tmp_path):
+    pruned, _ = gpp_onnx.prune(model_path, 0.5)
+    pruned_path = tmp_path / "pruned.onnx"
+    onnx.save(pruned, pruned_path)
+    code, stdout, _ = run_cli(
+        capsys, "run", str(pruned_path), "--data", str(data_dir), "--calibration-images", "20", "--json"
+    )
+    result = json.loads(stdout)
+    assert code == 0 and result["vta"]["gemm_uops_skipped"] > 0 and result["vta"]["speedup"] > 1
+
+
+def test_ort_accuracy_is_the_same_in_every_layout(capsys, model_path, tmp_path):
+    accuracies = []
+    for folder in (write_pickle(tmp_path / "p", True), write_binary(tmp_path / "b"), write_folders(tmp_path / "f")):
+        code, stdout, _ = run_cli(capsys, "run", str(model_path), "--backend", "ort", "--data", str(folder), "--json")
+        assert code == 0
+        accuracies.append(json.loads(stdout)["accuracy"])
+    assert accuracies[0] == accuracies[1] == accuracies[2]
+
+
+def test_max_drop_gates_the_exit_status(capsys, model_path, data_dir):
+    args = ["run", str(model_path), "--backend", "ort", "--data", str(data_dir), "--baseline", str(model_path)]
+    assert run_cli(capsys, *args, "--max-drop", "0")[0] == 0
+    code, _, stderr = run_cli(capsys, *args, "--max-drop", "-1")
+    assert code == 1 and "below the reference" in stderr
+
+
+def not_an_image_model(tmp_path: Path) -> Path:
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+    )
+    path = tmp_path / "vector.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    return path
+
+
+def lying_annotation(tmp_path: Path, model_path: Path) -> Path:
+    pruned, _ = gpp_onnx.prune(model_path, 0.5)
+    w = numpy_helper.to_array(pruned.graph.initializer[1]).copy()
+    w[w == 0] = 1.0
+    pruned.graph.initializer[1].CopyFrom(numpy_helper.from_array(w, "w1"))
+    path = tmp_path / "lying.onnx"
+    onnx.save(pruned, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("missing data", "does not exist"),
+        ("wrong data", "accepted layouts"),
+        ("not an image model", "is not an image tensor"),
+        ("annotation mismatch", "marked pruned hold nonzero"),
+        ("unknown backend", "unknown backend 'tpu'"),
+        ("batch 0", "batch size 0 is below 1"),
+    ],
+)
+def test_run_bad_input(capsys, model_path, data_dir, tmp_path, case, expected):
+    model, folder, extra = model_path, data_dir, []
+    if case == "missing data":
+        folder = tmp_path / "nowhere"
+    elif case == "wrong data":
+        folder = tmp_path / "empty"
+        folder.mkdir()
+    elif case == "not an image model":
+        model = not_an_image_model(tmp_path)
+    elif case == "annotation mismatch":
+        model = lying_annotation(tmp_path, model_path)
+    elif case == "unknown backend":
+        extra = ["--backend", "tpu"]
+    else:
+        extra = ["--batch", "0"]
+    code, stdout, stderr = run_cli(capsys, "run", str(model), "--data", str(folder), *extra)
+    assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert expected in stderr and "Traceback" not in stdout + stderr
+
+
+def test_a_dead_activation_gets_a_bounded_scale():
+    from vta_backend.calibration import MAX_ACTIVATION_SHIFT, power_of_two_shift
+
+    assert power_of_two_shift(0.0, None) == MAX_ACTIVATION_SHIFT  # zero on every calibration image
+    assert power_of_two_shift(1e-6, None) == MAX_ACTIVATION_SHIFT
+    assert power_of_two_shift(1.0, None) == 6  # 127 / 2**6 covers 1.0
+
+
+def test_compile_and_run_report_the_same_simulated_cycles(capsys, model_path, data_dir, tmp_path):
+    compiled = run_cli(capsys, "compile", str(model_path), "-o", str(tmp_path / "vta"), "--json")
+    ran = run_cli(capsys, "run", str(model_path), "--data", str(data_dir), "--calibration-images", "20", "--json")
+    assert compiled[0] == ran[0] == 0
+    assert json.loads(compiled[1])["cycles"] == json.loads(ran[1])["vta"]["cycles"] > 0

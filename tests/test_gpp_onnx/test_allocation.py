@@ -1,0 +1,81 @@
+"""Sparsity allocation: achieved sparsity near the target, per layer and overall."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import conv_model, weight
+
+import gpp_onnx
+
+
+def many_layers(rng: np.random.Generator, channels: list[int], kernel: int = 3) -> tuple:
+    weights = [rng.standard_normal((o, i, kernel, kernel)).astype(np.float32) for i, o in zip(channels, channels[1:])]
+    return conv_model(weights, [1, channels[0], 8, 8], attrs=[{"pads": [kernel // 2] * 4}] * len(weights)), weights
+
+
+@pytest.mark.parametrize("pattern", ["group", "block", "channel", "element"])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7, 0.9])
+def test_overall_sparsity_within_one_point(rng, pattern, scope, sparsity):
+    model, _ = many_layers(rng, [16, 32, 32, 64, 64, 64, 128])
+    _, report = gpp_onnx.prune(model, sparsity, pattern=pattern, scope=scope)
+    assert abs(report.sparsity - sparsity) <= 0.01
+    assert gpp_onnx.read_annotation(_).achieved_sparsity == pytest.approx(report.sparsity)
+
+
+def test_layer_scope_distributes_rounding(rng):
+    # Ten 1x1 convs of 16x48 (3 tiles each): 50% per layer is 1.5 tiles. Rounding every layer
+    # down gives 33%, up 67%; distributing the rounding gives 50% overall.
+    weights = [rng.standard_normal((16, 48, 1, 1)).astype(np.float32) for _ in range(10)]
+    model = conv_model(weights, [1, 48, 4, 4])
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            node.input[0] = "x"
+    _, report = gpp_onnx.prune(model, 0.5, pattern="group")
+    assert report.sparsity == pytest.approx(0.5)
+    assert {r.tiles_kept for r in report.layers} == {1, 2}
+
+
+def test_layer_scope_prunes_every_layer_near_the_target(rng):
+    model, _ = many_layers(rng, [16, 32, 64, 128])
+    _, report = gpp_onnx.prune(model, 0.6, pattern="group", scope="layer")
+    for row in report.layers:
+        assert abs(row.sparsity - 0.6) < 1 / row.tiles_total + 1e-9
+
+
+def test_global_scope_is_invariant_to_layer_scale(rng):
+    # Scores are normalised by each layer's mean magnitude, so scaling a layer changes nothing.
+    model, weights = many_layers(rng, [16, 32, 64, 64])
+    scaled = conv_model([weights[0], weights[1] * 100.0, weights[2]], [1, 16, 8, 8], attrs=[{"pads": [1] * 4}] * 3)
+    a, _ = gpp_onnx.prune(model, 0.7, scope="global")
+    b, _ = gpp_onnx.prune(scaled, 0.7, scope="global")
+    for name in ("W0", "W1", "W2"):
+        np.testing.assert_array_equal(weight(a, name) == 0, weight(b, name) == 0)
+
+
+def test_global_scope_differs_from_layer_scope(rng):
+    model, weights = many_layers(rng, [16, 32, 64, 64])
+    weights[2][:, :32] *= 0.05  # half of the last layer is nearly dead
+    model = conv_model(weights, [1, 16, 8, 8], attrs=[{"pads": [1] * 4}] * 3)
+    _, layer_report = gpp_onnx.prune(model, 0.4, scope="layer")
+    _, global_report = gpp_onnx.prune(model, 0.4, scope="global")
+    assert layer_report.layers[2].sparsity == pytest.approx(0.4, abs=0.05)
+    assert global_report.layers[2].sparsity >= 0.5
+    assert global_report.sparsity == pytest.approx(0.4, abs=0.01)
+
+
+def test_existing_zeros_count_towards_the_target(rng):
+    w = rng.standard_normal((32, 32, 3, 3)).astype(np.float32)
+    w[:16, :16] = 0  # 9 of 36 groups (25%) already zero
+    _, report = gpp_onnx.prune(conv_model([w], [1, 32, 6, 6]), 0.5, pattern="group")
+    assert report.sparsity == pytest.approx(0.5)
+    assert report.layers[0].tiles_kept == 18
+
+
+def test_sparsity_zero_changes_no_weight(rng):
+    model, weights = many_layers(rng, [16, 32, 32])
+    pruned, report = gpp_onnx.prune(model, 0.0)
+    assert report.sparsity == 0.0
+    for i, w in enumerate(weights):
+        np.testing.assert_array_equal(weight(pruned, f"W{i}"), w)

@@ -1,0 +1,152 @@
+"""The sparse-tile annotation: bitmap encoding, validation, and surviving ONNX round trips."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from helpers import conv_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from onnx import numpy_helper
+
+import gpp_onnx
+from gpp_onnx.annotation import ANNOTATION_KEY, decode_bitmap, encode_bitmap
+
+
+@given(arrays(np.bool_, st.integers(0, 600)))
+def test_bitmap_round_trip(bits):
+    assert np.array_equal(decode_bitmap(encode_bitmap(bits), bits.size), bits)
+
+
+@given(arrays(np.bool_, st.integers(1, 100)), st.integers(1, 8))
+def test_bitmap_rejects_wrong_counts(bits, extra):
+    text = encode_bitmap(bits)
+    with pytest.raises(ValueError):
+        decode_bitmap(text, bits.size + 8 * extra)
+
+
+@st.composite
+def masked_conv(draw):
+    """A conv weight with random channel counts and a random kept-tile map applied to it."""
+    oc = draw(st.integers(1, 40))
+    ic = draw(st.integers(1, 40))
+    k = draw(st.sampled_from([1, 3]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    w = rng.uniform(0.5, 1.0, (oc, ic, k, k)).astype(np.float32) * rng.choice([-1, 1], (oc, ic, k, k))
+    ot, it = -(-oc // 16), -(-ic // 16)
+    kept = draw(arrays(np.bool_, (1, ot, it, k * k)))
+    element_kept = kept.repeat(16, axis=1)[:, :oc].repeat(16, axis=2)[:, :, :ic]
+    w = np.where(element_kept[0].reshape(oc, ic, k, k), w, 0).astype(np.float32)
+    return w, kept
+
+
+def annotated(w: np.ndarray, kept: np.ndarray) -> onnx.ModelProto:
+    model = conv_model([w], [1, w.shape[1], 4, 4], attrs=[{"pads": [w.shape[2] // 2] * 4}])
+    pruned, _ = gpp_onnx.prune(model, 0.0)
+    ann = gpp_onnx.read_annotation(pruned)
+    ann.weights[0].kept = kept
+    gpp_onnx.write_annotation(pruned, ann)
+    return pruned
+
+
+@settings(max_examples=60, deadline=None)
+@given(masked_conv())
+def test_validator_accepts_exactly_the_consistent_annotations(case):
+    w, kept = case
+    model = annotated(w, kept)
+    gpp_onnx.validate_annotation(model, gpp_onnx.read_annotation(model))  # consistent: accepted
+    pruned_tiles = np.argwhere(~kept)
+    if pruned_tiles.size:
+        _, ot, it, p = pruned_tiles[0]
+        k = w.shape[2]
+        broken = w.copy()
+        broken[ot * 16, it * 16, p // k, p % k] = 0.25
+        model.graph.initializer[0].CopyFrom(numpy_helper.from_array(broken, "W0"))
+        with pytest.raises(gpp_onnx.AnnotationError, match="layer conv0: 1 tile"):
+            gpp_onnx.validate_annotation(model, gpp_onnx.read_annotation(model))
+
+
+def pruned_model(rng) -> onnx.ModelProto:
+    ws = [
+        rng.standard_normal((32, 16, 3, 3)).astype(np.float32),
+        rng.standard_normal((32, 32, 3, 3)).astype(np.float32),
+    ]
+    model, _ = gpp_onnx.prune(conv_model(ws, [1, 16, 6, 6], attrs=[{"pads": [1] * 4}] * 2), 0.6)
+    return model
+
+
+def edit_document(model: onnx.ModelProto, change) -> None:
+    prop = next(p for p in model.metadata_props if p.key == ANNOTATION_KEY)
+    doc = json.loads(prop.value)
+    change(doc)
+    prop.value = json.dumps(doc)
+
+
+def test_document_fields(rng):
+    model = pruned_model(rng)
+    assert [p.key for p in model.metadata_props] == [ANNOTATION_KEY]
+    doc = json.loads(model.metadata_props[0].value)
+    assert doc["version"] == 1 and doc["tool_version"] == gpp_onnx.__version__
+    assert doc["tile"] == {"block_out": 16, "block_in": 16}
+    assert (doc["pattern"], doc["scope"], doc["target_sparsity"]) == ("group", "layer", 0.6)
+    entry = doc["weights"][1]
+    assert entry["nodes"] == ["conv1"] and entry["weight"] == "W1" and entry["shape"] == [32, 32, 3, 3]
+    assert entry["layout"] == "OIHW" and entry["kernel_positions"] == 9
+    assert (entry["oc_tiles"], entry["ic_tiles"], entry["tiles_total"]) == (2, 2, 36)
+
+
+def test_unknown_version_is_an_error(rng):
+    model = pruned_model(rng)
+    edit_document(model, lambda d: d.update(version=99))
+    with pytest.raises(gpp_onnx.AnnotationError, match="version 99"):
+        gpp_onnx.read_annotation(model)
+
+
+def test_missing_weight_is_an_error_naming_the_layer(rng):
+    model = pruned_model(rng)
+    edit_document(model, lambda d: d["weights"][1].update(weight="gone"))
+    with pytest.raises(gpp_onnx.AnnotationError, match="layer conv1: weight 'gone' no longer exists"):
+        gpp_onnx.validate_annotation(model, gpp_onnx.read_annotation(model))
+
+
+def test_shape_mismatch_is_an_error_naming_the_layer(rng):
+    model = pruned_model(rng)
+    edit_document(model, lambda d: d["weights"][0].update(shape=[16, 16, 3, 3]))
+    with pytest.raises(gpp_onnx.AnnotationError, match="layer conv0: .*shape"):
+        gpp_onnx.validate_annotation(model, gpp_onnx.read_annotation(model))
+
+
+def test_inspect_refuses_an_annotation_that_lies(rng, tmp_path):
+    model = pruned_model(rng)
+    w = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    w[w == 0] = 1.0
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W0"))
+    onnx.save(model, tmp_path / "m.onnx")
+    with pytest.raises(gpp_onnx.AnnotationError, match="layer conv0: .*marked pruned hold nonzero"):
+        gpp_onnx.inspect(tmp_path / "m.onnx")
+
+
+def test_survives_save_load_shape_inference_and_external_data(rng, tmp_path):
+    model = pruned_model(rng)
+    original = gpp_onnx.read_annotation(model)
+    onnx.save(model, tmp_path / "a.onnx")
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(tmp_path / "a.onnx"))
+    onnx.save_model(inferred, tmp_path / "b.onnx", save_as_external_data=True, location="b.data", size_threshold=0)
+    reloaded = onnx.load(tmp_path / "b.onnx")
+    ann = gpp_onnx.read_annotation(reloaded)
+    gpp_onnx.validate_annotation(reloaded, ann)
+    assert ann.to_json() == original.to_json()
+    for a, b in zip(ann.weights, original.weights):
+        assert np.array_equal(a.kept, b.kept)
+
+
+def test_pruning_again_replaces_the_annotation(rng):
+    model = pruned_model(rng)
+    again, report = gpp_onnx.prune(model, 0.8, pattern="block")
+    assert [p.key for p in again.metadata_props] == [ANNOTATION_KEY]
+    assert gpp_onnx.read_annotation(again).pattern == "block"

@@ -1,0 +1,194 @@
+"""Turn the Conv nodes of an ONNX model into VTA convs: eligibility, fusion and quantization.
+
+Every Conv node becomes a :class:`ConvSite`: either the VTA conv it becomes (quantized by
+:func:`vta_backend.quantization.quantize_conv`) or the reason it stays on the CPU. An Add
+of a residual tensor of the same shape and a Relu that are the only readers of a conv's
+output are fused into it. The kept-tile maps come from the sparse-tile annotation, which
+the caller has read and validated (:func:`gpp_onnx.annotation.read_kept_tiles`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import onnx
+
+from gpp_onnx.annotation import KeptTiles
+from gpp_onnx.errors import UserError
+from gpp_onnx.weights import GraphIndex, Layer, find_layers, node_attribute
+from vta_backend.config import VTAConfig
+from vta_backend.quant import QuantConv
+from vta_backend.quantization import DEFAULT_QUANTIZATION, FloatConv, QuantizationOptions, quantize_conv
+from vta_backend.shapes import conv_tensors, static_shapes
+
+
+@dataclass
+class ConvSite:
+    """One Conv node: the VTA conv it becomes, or why it stays off VTA."""
+
+    node: str
+    input: str
+    output: str  # the fused Relu's output when there is one
+    conv: QuantConv | None
+    in_shape: tuple[int, int, int] | None
+    reason: str | None = None
+    input_shift: int = 0  # power-of-two scales of the int8 input and output activations
+    output_shift: int = 0
+    replaced: tuple[str, ...] = ()  # names of the nodes the VTA conv stands for (Conv, fused Add, Relu)
+    residual: str | None = None  # the other operand of a fused Add
+    residual_input_shift: int = 0  # its power-of-two scale
+
+
+@dataclass
+class Fusion:
+    """What follows a conv and joins its VTA program: an Add of a residual tensor, then a Relu."""
+
+    output: str  # the last fused node's output
+    residual: str | None = None
+    relu: bool = False
+    nodes: tuple[str, ...] = ()  # names of the fused nodes after the conv
+
+
+def check_tile(kept: KeptTiles | None, config: VTAConfig) -> None:
+    """The annotation's tile must be the config's BLOCK_OUT x BLOCK_IN (UserError otherwise)."""
+    if kept is not None and (kept.tile.block_out, kept.tile.block_in) != (config.BLOCK_OUT, config.BLOCK_IN):
+        raise UserError(
+            f"the model was pruned for {kept.tile} tiles but the VTA config has "
+            f"{config.BLOCK_OUT}x{config.BLOCK_IN}; prune again with --tile matching the config"
+        )
+
+
+def unsupported_reason(
+    node: onnx.NodeProto,
+    layer: Layer | None,
+    in_shape: tuple[int, ...] | None,
+    index: GraphIndex,
+    graph_inputs: set[str],
+    config: VTAConfig,
+) -> str | None:
+    """Why a Conv node cannot run on VTA, or None when it can."""
+    if layer is None or layer.stored is None or layer.skip_reason:
+        return layer.skip_reason if layer and layer.skip_reason else "weight is not a constant"
+    if layer.stored.values.dtype.kind != "f":
+        return "quantized weights; compile the float model"
+    if len(layer.shape) != 4:
+        return f"{len(layer.shape) - 2}-D conv; VTA runs 2-D convs"
+    if in_shape is None or len(in_shape) != 4:
+        return "input shape unknown after shape inference"
+    if node.input[0] in graph_inputs and in_shape[1] < config.BLOCK_IN:
+        return (
+            f"first conv with {in_shape[1]} input channels: stays on the CPU, as TVM keeps it "
+            f"(VTA would pad them to {config.BLOCK_IN})"
+        )
+    if len(node.input) > 2 and node.input[2] and index.constant_array(node.input[2]) is None:
+        return "bias is not a constant"
+    if node_attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return "auto_pad is not supported; export with explicit pads"
+    return None
+
+
+class _Importer:
+    """What every Conv node of one model needs: the graph, layers, shapes, annotation and shifts."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        shapes: Mapping[str, tuple[int, ...]],
+        config: VTAConfig,
+        kept: KeptTiles | None,
+        activation_shifts: Mapping[str, int],
+        quantization: QuantizationOptions,
+    ) -> None:
+        self.index = GraphIndex(model.graph)
+        self.layers = {name: layer for layer in find_layers(model) for name in layer.nodes}
+        self.graph_inputs = {i.name for i in model.graph.input}
+        self.shapes, self.config, self.kept = shapes, config, kept
+        self.shifts, self.quantization = activation_shifts, quantization
+
+    def site(self, name: str, node: onnx.NodeProto) -> ConvSite:
+        """The Conv node as a VTA conv, or with the reason it stays on the CPU."""
+        site = ConvSite(name, node.input[0], node.output[0], None, None, replaced=(name,))
+        layer, in_shape = self.layers.get(name), self.shapes.get(node.input[0])
+        site.reason = unsupported_reason(node, layer, in_shape, self.index, self.graph_inputs, self.config)
+        if site.reason is not None:
+            return site
+        assert layer is not None and layer.stored is not None and in_shape is not None
+        fused = fusion(self.index, node.output[0], self.shapes)
+        site.conv = quantize_conv(self.float_conv(name, node, layer, fused), self.shifts, self.quantization)
+        site.in_shape = (in_shape[1], in_shape[2], in_shape[3])
+        site.input_shift = self.quantization.shift_of(node.input[0], self.shifts)
+        site.output_shift = self.quantization.shift_of(fused.output, self.shifts)
+        if fused.residual is not None:
+            site.residual_input_shift = self.quantization.shift_of(fused.residual, self.shifts)
+        site.output, site.residual = fused.output, fused.residual
+        site.replaced = (name, *fused.nodes)
+        return site
+
+    def float_conv(self, name: str, node: onnx.NodeProto, layer: Layer, fused: Fusion) -> FloatConv:
+        """The node's float weight, bias and attributes with its fused Add / Relu and kept-tile map."""
+        assert layer.stored is not None
+        bias = self.index.constant_array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        pads = list(node_attribute(node, "pads", [0, 0, 0, 0]))  # type: ignore[arg-type]
+        return FloatConv(
+            name=name,
+            weight=layer.stored.values.astype("float32"),
+            bias=bias,
+            stride=tuple(node_attribute(node, "strides", [1, 1])),  # type: ignore[arg-type]
+            pads=(pads[0], pads[1], pads[2], pads[3]),
+            dilation=tuple(node_attribute(node, "dilations", [1, 1])),  # type: ignore[arg-type]
+            groups=int(node_attribute(node, "group", 1)),  # type: ignore[arg-type]
+            relu=fused.relu,
+            kept=None if self.kept is None else self.kept.for_weight(layer.weight),
+            input=node.input[0],
+            output=fused.output,
+            residual=fused.residual,
+        )
+
+
+def extract_convs(
+    model: onnx.ModelProto,
+    config: VTAConfig,
+    input_shape: tuple[int, ...] | None = None,
+    activation_shifts: Mapping[str, int] | None = None,
+    quantization: QuantizationOptions = DEFAULT_QUANTIZATION,
+    kept: KeptTiles | None = None,
+) -> list[ConvSite]:
+    """Every Conv node of the model in graph order, as a VTA conv or with the reason it is not one.
+
+    ``activation_shifts`` maps tensor names to their power-of-two shifts (from calibration);
+    ``kept`` is the validated annotation (None: dense, only all-zero tiles are skipped).
+    """
+    check_tile(kept, config)
+    shapes = static_shapes(model, input_shape, conv_tensors(model))
+    importer = _Importer(model, shapes, config, kept, dict(activation_shifts or {}), quantization)
+    return [
+        importer.site(name, node)
+        for name, node in zip(importer.index.names, model.graph.node)
+        if node.op_type == "Conv" and node.domain in ("", "ai.onnx")
+    ]
+
+
+def _sole_reader(index: GraphIndex, tensor: str) -> onnx.NodeProto | None:
+    readers = index.consumers.get(tensor, [])
+    if len(readers) == 1 and tensor not in index.graph_outputs:
+        return index.graph.node[readers[0]]
+    return None
+
+
+def fusion(index: GraphIndex, conv_output: str, shapes: Mapping[str, tuple[int, ...]]) -> Fusion:
+    """Conv + Add(residual of the same shape) + Relu, Conv + Add, Conv + Relu, or the conv alone."""
+    fused = Fusion(conv_output)
+    reader = _sole_reader(index, conv_output)
+    if reader is not None and reader.op_type == "Add" and reader.domain in ("", "ai.onnx") and len(reader.input) == 2:
+        other = reader.input[1] if reader.input[0] == conv_output else reader.input[0]
+        if other != conv_output and shapes.get(other) is not None and shapes.get(other) == shapes.get(conv_output):
+            fused = Fusion(reader.output[0], other, False, (index.names[_node_index(index, reader)],))
+            reader = _sole_reader(index, fused.output)
+    if reader is not None and reader.op_type == "Relu" and reader.domain in ("", "ai.onnx"):
+        fused = Fusion(reader.output[0], fused.residual, True, fused.nodes + (index.names[_node_index(index, reader)],))
+    return fused
+
+
+def _node_index(index: GraphIndex, node: onnx.NodeProto) -> int:
+    return index.producer[node.output[0]]

@@ -1,0 +1,182 @@
+"""How a conv group is cut into blocks for VTA's buffers, and which cut is cheapest.
+
+A block is ``oc_block`` output-channel tiles x ``rows`` x ``cols`` output pixels; a *step*
+is one input-channel tile of a block. The chosen tiling is the feasible one with the
+lowest cycle estimate, priced with :mod:`vta_backend.cost` (the functions the cycle
+model uses), double buffering preferred.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpp_onnx.errors import UserError
+from vta_backend.config import VTAConfig
+from vta_backend.cost import alu_cycles, dma_cycles, element_bytes, gemm_cycles
+from vta_backend.isa import LOOP_ITER_WIDTH, MemType
+from vta_backend.layout import ceil_div
+from vta_backend.quant import QuantConv
+
+ITER_LIMIT = (1 << LOOP_ITER_WIDTH) - 1
+
+
+class CompileError(UserError):
+    """The conv cannot be compiled for this VTA configuration."""
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """The block shape of a program and whether its buffers are split in two halves."""
+
+    oc_block: int  # output-channel tiles per block
+    rows: int  # output rows per block
+    cols: int  # output columns per block
+    double_buffered: bool
+
+
+@dataclass
+class Geometry:
+    """Sizes of one conv group on VTA."""
+
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    out_height: int
+    out_width: int
+    kh: int
+    kw: int
+    ic_tiles: int
+    oc_tiles: int
+
+    @property
+    def positions(self) -> int:
+        """Kernel positions (KH x KW)."""
+        return self.kh * self.kw
+
+
+def geometry(conv: QuantConv, in_shape: tuple[int, int, int], config: VTAConfig) -> Geometry:
+    """The sizes of one group of ``conv`` for an input of ``in_shape`` = (channels of the group, H, W)."""
+    c, h, w = in_shape
+    if c != conv.in_channels // conv.groups:
+        raise CompileError(
+            f"layer {conv.name}: input has {c} channels, the weight expects {conv.in_channels // conv.groups}"
+        )
+    oh, ow = conv.out_size(h, w)
+    kh, kw = conv.kernel
+    oc = conv.weight.shape[0] // conv.groups
+    return Geometry(c, h, w, oc, oh, ow, kh, kw, ceil_div(c, config.BLOCK_IN), ceil_div(oc, config.BLOCK_OUT))
+
+
+def vector_kinds(conv: QuantConv) -> tuple[str, ...]:
+    """The per-output-channel vectors a block loads into the accumulator: the bias (with the rounding
+    constant), then the shifts and the residual alignments where they differ per channel."""
+    vectors = ("bias",) + (("shift",) if np.ndim(conv.shift) == 1 else ())
+    if conv.residual_shift is not None and np.ndim(conv.residual_shift) == 1:
+        vectors += ("residual_shift",)
+    return vectors
+
+
+@dataclass(frozen=True)
+class AccLayout:
+    """One half of the accumulator buffer: the block's outputs, the fused residual (if any), then
+    one vector per output-channel tile of each kind in ``vectors`` (bias+rounding, per-channel
+    shifts, per-channel residual alignment), in the order of the DRAM accumulator image."""
+
+    outputs: int  # oc_block * rows * cols
+    residual: bool
+    vectors: tuple[str, ...]
+    oc_block: int
+
+    @classmethod
+    def of(cls, conv: QuantConv, oc_block: int, rows: int, cols: int) -> "AccLayout":
+        """The layout for blocks of ``oc_block`` x ``rows`` x ``cols``."""
+        return cls(oc_block * rows * cols, conv.residual_shift is not None, vector_kinds(conv), oc_block)
+
+    @property
+    def size(self) -> int:
+        """Accumulator vectors of one half."""
+        return self.outputs * (2 if self.residual else 1) + self.oc_block * len(self.vectors)
+
+    def residual_base(self, half: int) -> int:
+        """First accumulator vector of the residual in the half starting at ``half``."""
+        return half + self.outputs
+
+    def vector_base(self, half: int, kind: str) -> int:
+        """First accumulator vector of the ``kind`` vectors in the half starting at ``half``."""
+        return half + self.outputs * (2 if self.residual else 1) + self.oc_block * self.vectors.index(kind)
+
+
+def window(conv: QuantConv, rows: int, cols: int) -> tuple[int, int]:
+    """Input rows and columns that ``rows`` x ``cols`` outputs read."""
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel, conv.stride, conv.dilation
+    return (rows - 1) * sh + (kh - 1) * dh + 1, (cols - 1) * sw + (kw - 1) * dw + 1
+
+
+def _fits(conv: QuantConv, g: Geometry, config: VTAConfig, ob: int, rows: int, cols: int, halves: int) -> bool:
+    win_rows, win_cols = window(conv, rows, cols)
+    return (
+        halves * win_rows * win_cols <= config.inp_depth
+        and halves * ob * g.positions <= config.wgt_depth
+        and halves * AccLayout.of(conv, ob, rows, cols).size <= config.acc_depth
+        and ob * rows <= ITER_LIMIT
+        and win_cols * conv.stride[0] < config.inp_depth
+    )
+
+
+def _dma(memory_type: MemType, elements: int, config: VTAConfig) -> int:
+    return dma_cycles(elements * element_bytes(memory_type, config)[1], config)
+
+
+def _block_overhead(conv: QuantConv, config: VTAConfig, ob: int, outputs: int) -> int:
+    """Per block, besides its steps: accumulator vector loads and reset, requantization ALU ops,
+    the store, and a fused residual's load, alignment and add."""
+    cycles = len(vector_kinds(conv)) * _dma(MemType.ACC, ob, config) + gemm_cycles(outputs)
+    cycles += alu_cycles(outputs, tensor_operand=True) + alu_cycles(outputs, tensor_operand=np.ndim(conv.shift) == 1)
+    cycles += 2 * alu_cycles(outputs, tensor_operand=False) + _dma(MemType.OUT, outputs, config)  # MIN, MAX; STORE
+    if conv.residual_shift is not None:
+        cycles += _dma(MemType.ACC_8BIT, outputs, config) + alu_cycles(outputs, tensor_operand=True)
+        if np.ndim(conv.residual_shift) == 1 or conv.residual_shift:
+            cycles += alu_cycles(outputs, tensor_operand=np.ndim(conv.residual_shift) == 1)
+    return cycles
+
+
+def estimate_cycles(conv: QuantConv, g: Geometry, config: VTAConfig, tiling: Tiling) -> int:
+    """Estimated cycles of the dense program with this tiling: blocks x (input-channel steps + block overhead).
+
+    A step loads the input window and the block's weight tiles and runs one GEMM; double
+    buffering overlaps the loads with the GEMM.
+    """
+    ob, rows, cols = tiling.oc_block, tiling.rows, tiling.cols
+    win_rows, win_cols = window(conv, rows, cols)
+    load = _dma(MemType.INP, win_rows * win_cols, config) + _dma(MemType.WGT, ob * g.positions, config)
+    gemm = gemm_cycles(ob * rows * cols * g.positions)
+    step = max(load, gemm) if tiling.double_buffered else load + gemm
+    blocks = ceil_div(g.oc_tiles, ob) * ceil_div(g.out_height, rows) * ceil_div(g.out_width, cols)
+    return blocks * (g.ic_tiles * step + _block_overhead(conv, config, ob, ob * rows * cols))
+
+
+def choose_tiling(conv: QuantConv, g: Geometry, config: VTAConfig) -> Tiling:
+    """The feasible tiling with the lowest estimated cycle count (double buffering preferred)."""
+    col_options = sorted({ceil_div(g.out_width, k) for k in range(1, g.out_width + 1)}, reverse=True)
+    for halves in (2, 1):
+        best: tuple[int, Tiling] | None = None
+        for ob in range(g.oc_tiles, 0, -1):
+            for cols in col_options:
+                rows = next((r for r in range(g.out_height, 0, -1) if _fits(conv, g, config, ob, r, cols, halves)), 0)
+                if rows:  # fewer rows only costs more for this (ob, cols)
+                    tiling = Tiling(ob, rows, cols, halves == 2)
+                    estimate = estimate_cycles(conv, g, config, tiling)
+                    if best is None or estimate < best[0]:
+                        best = (estimate, tiling)
+        if best is not None:
+            return best[1]
+    win_rows, win_cols = window(conv, 1, 1)
+    raise CompileError(
+        f"layer {conv.name}: does not fit VTA's buffers even one output pixel and one channel tile at a time "
+        f"(needs {win_rows * win_cols} of {config.inp_depth} input vectors, {g.positions} of {config.wgt_depth} "
+        f"weight tiles, {AccLayout.of(conv, 1, 1, 1).size} of {config.acc_depth} accumulator vectors); "
+        "use a VTA config with larger buffers"
+    )
