@@ -186,8 +186,8 @@ def feeds(
     input_name: str,
     mean: tuple[float, ...],
     std: tuple[float, ...],
-    split: str = "train",
-    batch: int = 100,
+    split: str,
+    batch: int,
     limit: int | None = None,
 ) -> Iterator[Mapping[str, np.ndarray]]:
     """Normalised batches of a split as ONNX Runtime input dictionaries (for calibration), streamed."""

@@ -202,7 +202,7 @@ def calibrate_on_data(
     input_name, _ = model_image_input(model)
     feeds = data.feeds(dataset, input_name, *normalization, "train", options.batch, options.images)
     described = data.describe_feeds(dataset, "train", *normalization)
-    return calibrate(model, track(feeds, "calibrating", -(-options.images // options.batch)), options, described)
+    return calibrate(model, track(feeds, "calibrating", -(-options.images // options.batch)), options, data=described)
 
 
 def vta_session(

@@ -10,6 +10,7 @@ checkpoint is written after every epoch; ``resume`` continues from it.
 from __future__ import annotations
 
 import functools
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -47,6 +48,10 @@ class FinetuneOptions:
     seed: int = 0
     resume: bool = False
     limit: int | None = None  # train on the first N images only
+    restore_bn: bool = True  # train with a BatchNorm after each conv, folded back at the end
+    teacher: str | None = None  # an ONNX model (the dense one) to distil from
+    kd_temperature: float = 4.0  # softens both models' outputs in the distillation loss
+    kd_weight: float = 0.7  # share of the distillation loss; 1 - kd_weight goes to the labels
 
     def check(self) -> None:
         """Raise UserError for options that cannot work, before any training starts."""
@@ -56,7 +61,9 @@ class FinetuneOptions:
             raise UserError(f"batch size {self.batch} is below 1; pass --batch 1 or more")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"--limit {self.limit} is below 1")
-        if not self.lr > 0:
+        if not (0 < self.kd_temperature < math.inf) or not 0 <= self.kd_weight <= 1:
+            raise UserError("--kd-temperature must be above 0 and --kd-weight in [0, 1]")
+        if not 0 < self.lr < math.inf:
             raise UserError(f"--lr {self.lr} must be above 0")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
@@ -114,9 +121,24 @@ class _Trainer:
     device: str
     history: list
 
+    teacher: object | None = None  # a torch module in eval mode
+
     @property
     def params(self) -> list:
-        return [p for p, _ in self.trainable.parameters.values()]
+        """What the optimizer updates."""
+        return self.trainable.trainable_parameters()
+
+    def loss(self, logits, x, y):
+        """Cross-entropy with the labels, mixed with the distillation loss when there is a teacher."""
+        torch, options = self.torch, self.options
+        hard = torch.nn.functional.cross_entropy(logits, y)
+        if self.teacher is None or options.kd_weight == 0:
+            return hard
+        with torch.no_grad():
+            target = torch.nn.functional.softmax(self.teacher(x) / options.kd_temperature, dim=1)
+        log_student = torch.nn.functional.log_softmax(logits / options.kd_temperature, dim=1)
+        soft = torch.nn.functional.kl_div(log_student, target, reduction="batchmean") * options.kd_temperature**2
+        return (1 - options.kd_weight) * hard + options.kd_weight * soft
 
     def epoch(self, epoch: int, on_step: StepCallback) -> None:
         torch, options, module = self.torch, self.options, self.trainable.module
@@ -132,11 +154,11 @@ class _Trainer:
             y = torch.from_numpy(self.labels[index]).to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
             logits = module(x)
-            loss = torch.nn.functional.cross_entropy(logits, y)
+            loss = self.loss(logits, x, y)
             loss.backward()
             if not torch.isfinite(loss):
                 raise UserError(f"training diverged (loss {float(loss)}) in epoch {epoch + 1}; lower --lr")
-            torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)  # BN is folded: no layer rescales the steps
+            torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)  # guards folded-BN training
             self.optimizer.step()
             self.schedule.step()
             self.trainable.apply_masks()
@@ -172,6 +194,48 @@ class _Trainer:
         self.history[:] = state["history"]
 
 
+def _schedule(torch, optimizer, options: FinetuneOptions, steps_per_epoch: int):
+    total = steps_per_epoch * options.epochs
+    if options.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=options.lr, total_steps=total)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+
+
+def _teacher(torch, options: FinetuneOptions, probe, student_logits, device: str):
+    """The teacher as a torch module in eval mode; its outputs must have the student's shape."""
+    if options.teacher is None:
+        return None
+    teacher = to_trainable(load_model(options.teacher).model).module.to(device).eval()
+    try:
+        with torch.no_grad():
+            shape = tuple(teacher(probe).shape)
+    except Exception as exc:  # a teacher with other inputs fails inside its own graph
+        raise UserError(f"--teacher {options.teacher} cannot take the student's input ({_first_line(exc)})") from None
+    if shape != tuple(student_logits.shape):
+        raise UserError(
+            f"--teacher {options.teacher} outputs {list(shape)}, the student {list(student_logits.shape)}; "
+            "distil from the dense model this one was pruned from"
+        )
+    return teacher
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _prepare(trainable: Trainable, torch, images: np.ndarray, normalize: Callable, options, device: str):
+    """Restore batch-norm (from the first train images) and load the teacher; returns the teacher."""
+    sample = [
+        normalize(torch.from_numpy(images[i : i + 256]).to(device)) for i in range(0, min(len(images), 2048), 256)
+    ]
+    with torch.no_grad():
+        student_logits = trainable.module.eval()(sample[0][:2])
+    teacher = _teacher(torch, options, sample[0][:2], student_logits, device)
+    if options.restore_bn:
+        trainable.restore_batchnorm(sample)
+    return teacher
+
+
 def train(
     model: onnx.ModelProto,
     dataset: data.Dataset,
@@ -190,27 +254,18 @@ def train(
     trainable = to_trainable(model)
     trainable.module.to(device)
     trainable.frozen = {name: mask.to(device) for name, mask in trainable.frozen.items()}
-    params = [p for p, _ in trainable.parameters.values()]
-    optimizer = torch.optim.SGD(params, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay)
-    total = -(-len(labels) // options.batch) * options.epochs
-    if options.schedule == "onecycle":
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=options.lr, total_steps=total)
-    else:
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    trainer = _Trainer(
-        torch,
-        trainable,
-        optimizer,
-        schedule,
-        images,
-        labels,
-        lambda x: x.float().div_(255).sub_(mean_t).div_(std_t),
-        options,
-        device,
-        [],
+
+    def normalize(x):
+        return x.float().div_(255).sub_(mean_t).div_(std_t)
+
+    teacher = _prepare(trainable, torch, images, normalize, options, device)
+    optimizer = torch.optim.SGD(
+        trainable.trainable_parameters(), lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay
     )
+    schedule = _schedule(torch, optimizer, options, -(-len(labels) // options.batch))
+    trainer = _Trainer(torch, trainable, optimizer, schedule, images, labels, normalize, options, device, [], teacher)
     if options.resume and checkpoint is not None and checkpoint.exists():
         trainer.restore(torch.load(checkpoint, map_location=device, weights_only=False))
     with warnings.catch_warnings():

@@ -20,7 +20,7 @@ from gpp_onnx.pruner import PruneOptions, prune
 from gpp_onnx.report import Report
 
 
-def _check_eval_limit(eval_limit: int | None) -> None:
+def check_eval_limit(eval_limit: int | None) -> None:
     """Refuse an --eval-limit below 1 before any work is done (so no output is written)."""
     if eval_limit is not None and eval_limit < 1:
         raise UserError(f"--eval-limit {eval_limit} is below 1")
@@ -40,18 +40,8 @@ def prune_file(
     track: Track = no_progress,
 ) -> Report:
     """Prune ``model`` into ``output`` (then recalibrate it on ``recalibrate_data`` when given)."""
-    options.check()
     loaded = load_model(model)
-    pruned, report = prune(
-        loaded,
-        options.sparsity,
-        options.pattern,
-        options.scope,
-        options.tile,
-        options.exclude,
-        options.include_fc,
-        track=track,
-    )
+    pruned, report = prune(loaded, **options.arguments(), track=track)
     if recalibrate_data is not None:
         pruned = recalibrate_from_data(pruned, loaded.model, recalibrate_data, recalibrate_images, track=track)
     save_model(pruned, output, external_data=loaded.had_external_data)
@@ -85,7 +75,7 @@ def recalibrate_file(
     track: Track = no_progress,
 ) -> RecalibrationResult:
     """Recalibrate ``pruned`` against ``dense`` into ``output``; evaluate both on the test split."""
-    _check_eval_limit(eval_limit)
+    check_eval_limit(eval_limit)
     loaded = load_model(pruned)
     result = recalibrate_from_data(loaded.model, load_model(dense).model, data_path, images, track=track)
     before = evaluate(pruned, data_path, _ort(eval_limit), track=track)
@@ -106,7 +96,7 @@ def finetune_file(
     track: Track = no_progress,
 ) -> FinetuneResult:
     """Fine-tune ``model`` into ``output`` and report its test accuracy (ONNX Runtime fp32)."""
-    _check_eval_limit(eval_limit)
+    check_eval_limit(eval_limit)
     result = finetune(model, data_path, output, options, on_step=on_step)
     evaluation = evaluate(output, data_path, _ort(eval_limit), track=track)
     return replace(result, test_accuracy=evaluation.accuracy, test_images=evaluation.images)

@@ -17,13 +17,14 @@ import json
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import get_type_hints
 
 from gpp_app import data
 from gpp_app.evaluate import RunOptions, evaluate
 from gpp_app.finetune import FinetuneOptions
-from gpp_app.pipeline import evaluate_on_vta, finetune_file, prune_file, recalibrate_file
+from gpp_app.pipeline import check_eval_limit, evaluate_on_vta, finetune_file, prune_file, recalibrate_file
 from gpp_app.recalibrate import DEFAULT_RECALIBRATION_IMAGES
 from gpp_onnx.errors import UserError
 from gpp_onnx.files import write_text
@@ -33,7 +34,7 @@ from gpp_onnx.pruner import PruneOptions
 from vta_backend.calibration import CalibrationOptions
 
 DEFAULT_SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9)
-_PARSERS = {"str": str, "float": float, "int": lambda text: int(float(text))}  # CSV cell -> field type
+_PARSERS = {str: str, float: float, int: lambda text: int(float(text))}  # CSV cell -> field type
 
 
 @dataclass(frozen=True)
@@ -42,24 +43,45 @@ class SweepOptions:
 
     patterns: tuple[str, ...] = field(default_factory=pattern_names)
     sparsities: tuple[float, ...] = DEFAULT_SPARSITIES
-    epochs: int = FinetuneOptions.epochs
+    seeds: tuple[int, ...] = (0,)
     scope: str = "global"
     exclude: tuple[str, ...] = ()
+    layer_floor: float = 0.0
     recalibration_images: int = DEFAULT_RECALIBRATION_IMAGES
+    finetune: FinetuneOptions = field(default_factory=FinetuneOptions)  # epochs 0: no fine-tuning
+    distil: bool = True  # the swept (dense) model is the fine-tuning teacher
     calibration: CalibrationOptions = CalibrationOptions()
     eval_limit: int | None = None
-    lr: float = FinetuneOptions.lr
     workers: int = 1
+
+    @property
+    def epochs(self) -> int:
+        """Fine-tuning epochs per point."""
+        return self.finetune.epochs
+
+    @property
+    def recipe(self) -> str:
+        """The recovery recipe in a few words (a column of the CSV: rows of other recipes are other points)."""
+        tune = self.finetune
+        parts = [
+            f"{self.scope} floor {self.layer_floor:g}",
+            f"lr {tune.lr:g}",
+            "bn" if tune.restore_bn else "folded bn",
+        ]
+        if self.distil and tune.kd_weight > 0:
+            parts.append(f"kd T{tune.kd_temperature:g} w{tune.kd_weight:g}")
+        return ", ".join(parts)
 
     def check(self) -> None:
         """Reject a bad grid or recipe up front, before any point runs."""
         for pattern in self.patterns:
             for sparsity in self.sparsities:
-                PruneOptions(sparsity, pattern, self.scope, exclude=self.exclude).check()
-        if self.workers < 1 or self.epochs < 0:
-            raise UserError("--workers must be 1 or more and --epochs 0 or more")
-        if self.eval_limit is not None and self.eval_limit < 1:
-            raise UserError(f"--eval-limit {self.eval_limit} is below 1")
+                PruneOptions(sparsity, pattern, self.scope, exclude=self.exclude, layer_floor=self.layer_floor).check()
+        if self.workers < 1 or self.epochs < 0 or not self.seeds:
+            raise UserError("--workers must be 1 or more, --epochs 0 or more, and --seeds name at least one seed")
+        if self.epochs > 0:
+            replace(self.finetune, epochs=max(self.epochs, 1)).check()
+        check_eval_limit(self.eval_limit)
         self.calibration.check()
 
 
@@ -70,6 +92,8 @@ class SweepRow:
     pattern: str
     sparsity_target: float
     epochs: int
+    seed: int = 0
+    recipe: str = ""
     sparsity_achieved: float | None = None
     accuracy_before_ort: float | None = None
     accuracy_recalibrated_ort: float | None = None
@@ -80,9 +104,9 @@ class SweepRow:
     error: str = ""
 
     @property
-    def key(self) -> tuple[str, float, int]:
+    def key(self) -> tuple[str, float, int, int, str]:
         """What identifies a point across runs."""
-        return self.pattern, round(self.sparsity_target, 6), self.epochs
+        return self.pattern, round(self.sparsity_target, 6), self.epochs, self.seed, self.recipe
 
     def to_dict(self) -> dict[str, object]:
         """JSON form; the CSV has the same columns."""
@@ -91,11 +115,26 @@ class SweepRow:
     @classmethod
     def from_csv(cls, row: dict[str, str]) -> "SweepRow":
         """Read a CSV row back (empty cells are None)."""
-        parsers = {f.name: _PARSERS[str(f.type).split(" ")[0]] for f in fields(cls)}
+        hints = get_type_hints(cls)
+        parsers = {f.name: _PARSERS[getattr(hints[f.name], "__args__", (hints[f.name],))[0]] for f in fields(cls)}
         return cls(**{k: parsers[k](v) for k, v in row.items() if k in parsers and v not in (None, "")})
 
 
-COLUMNS = [f.name for f in fields(SweepRow)]
+COLUMNS = [  # the CSV's column order (every field of SweepRow)
+    "pattern",
+    "sparsity_target",
+    "sparsity_achieved",
+    "epochs",
+    "seed",
+    "recipe",
+    "accuracy_before_ort",
+    "accuracy_recalibrated_ort",
+    "accuracy_after_ort",
+    "accuracy_after_vta",
+    "vta_cycles",
+    "vta_speedup",
+    "error",
+]
 
 
 def read_rows(path: Path) -> list[SweepRow]:
@@ -112,7 +151,7 @@ def read_rows(path: Path) -> list[SweepRow]:
 def write_rows(path: Path, rows: list[SweepRow]) -> None:
     """Rewrite the CSV atomically, rows sorted by pattern then sparsity."""
     order = {p: i for i, p in enumerate(pattern_names())}
-    rows = sorted(rows, key=lambda r: (order.get(r.pattern, len(order)), r.sparsity_target, r.epochs))
+    rows = sorted(rows, key=lambda r: (order.get(r.pattern, len(order)), r.sparsity_target, r.epochs, r.seed, r.recipe))
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -120,45 +159,43 @@ def write_rows(path: Path, rows: list[SweepRow]) -> None:
     write_text(path, text.getvalue())
 
 
-def run_point(model_path: str, data_path: str, out_dir: str, pattern: str, sparsity: float, options: SweepOptions):
-    """One sweep point (in a worker process); never raises: failures go into the row's ``error``."""
-    row = SweepRow(pattern, sparsity, options.epochs)
-    folder = Path(out_dir) / "points" / f"{pattern}-{sparsity:g}"
-    dataset = Path(data_path)
+def run_point(model_path: str, data_path: str, out_dir: str, point: tuple[str, float, int], options: SweepOptions):
+    """One sweep point (pattern, sparsity, seed), in a worker process; never raises: failures go
+    into the row's ``error``."""
+    pattern, sparsity, seed = point
+    row = SweepRow(pattern, sparsity, options.epochs, seed, options.recipe)
+    folder = Path(out_dir) / "points" / f"{pattern}-{sparsity:g}-seed{seed}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        prune_options = PruneOptions(sparsity, pattern, options.scope, exclude=options.exclude)
-        report = prune_file(Path(model_path), folder / "pruned.onnx", prune_options)
-        row.sparsity_achieved = round(report.sparsity, 6)
-        recalibrated = recalibrate_file(
-            folder / "pruned.onnx",
-            Path(model_path),
-            dataset,
-            folder / "recalibrated.onnx",
-            options.recalibration_images,
-            options.eval_limit,
-        )
-        row.accuracy_before_ort, row.accuracy_recalibrated_ort = (
-            recalibrated.accuracy_before,
-            recalibrated.accuracy_after,
-        )
-        final, row.accuracy_after_ort = folder / "recalibrated.onnx", recalibrated.accuracy_after
-        if options.epochs > 0:
-            final = folder / "finetuned.onnx"
-            finetune_options = FinetuneOptions(epochs=options.epochs, lr=options.lr)
-            row.accuracy_after_ort = finetune_file(
-                folder / "recalibrated.onnx", dataset, final, finetune_options, options.eval_limit
-            ).test_accuracy
-        vta = evaluate_on_vta(final, dataset, RunOptions(limit=options.eval_limit, calibration=options.calibration))
-        row.accuracy_after_vta, row.vta_cycles, row.vta_speedup = (
-            vta.accuracy,
-            vta.vta.cycles,
-            round(vta.vta.speedup, 4),
-        )
+        _recover(Path(model_path), Path(data_path), folder, row, options)
     except Exception as exc:  # a failed point is reported, the sweep goes on
         row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-        write_text(folder / "error.txt", traceback.format_exc())
+        if folder.is_dir():
+            write_text(folder / "error.txt", traceback.format_exc())
     return row
+
+
+def _recover(dense: Path, data_path: Path, folder: Path, row: SweepRow, options: SweepOptions) -> None:
+    """The pipeline for one point: prune, recalibrate, fine-tune, evaluate on ORT and VTA; fills ``row``."""
+    prune_options = PruneOptions(
+        row.sparsity_target, row.pattern, options.scope, exclude=options.exclude, layer_floor=options.layer_floor
+    )
+    row.sparsity_achieved = round(prune_file(dense, folder / "pruned.onnx", prune_options).sparsity, 6)
+    final = folder / "recalibrated.onnx"
+    recalibrated = recalibrate_file(
+        folder / "pruned.onnx", dense, data_path, final, options.recalibration_images, options.eval_limit
+    )
+    row.accuracy_before_ort, row.accuracy_recalibrated_ort = recalibrated.accuracy_before, recalibrated.accuracy_after
+    row.accuracy_after_ort = recalibrated.accuracy_after
+    if options.epochs > 0:
+        teacher = str(dense) if options.distil else None
+        tune = replace(options.finetune, seed=row.seed, teacher=teacher)
+        final = folder / "finetuned.onnx"
+        row.accuracy_after_ort = finetune_file(
+            folder / "recalibrated.onnx", data_path, final, tune, options.eval_limit
+        ).test_accuracy
+    vta = evaluate_on_vta(final, data_path, RunOptions(limit=options.eval_limit, calibration=options.calibration))
+    row.accuracy_after_vta, row.vta_cycles, row.vta_speedup = vta.accuracy, vta.vta.cycles, round(vta.vta.speedup, 4)
 
 
 @dataclass
@@ -208,7 +245,11 @@ def sweep(
     done = {r.key for r in rows}
     dense = _dense_reference(model_path, data_path, out_dir, options.eval_limit)
     todo = [
-        (p, s) for p in options.patterns for s in options.sparsities if (p, round(s, 6), options.epochs) not in done
+        (p, s, seed)
+        for p in options.patterns
+        for s in options.sparsities
+        for seed in options.seeds
+        if (p, round(s, 6), options.epochs, seed, options.recipe) not in done
     ]
     for row in _run_points(model_path, data_path, out_dir, todo, options):
         rows.append(row)
@@ -223,9 +264,9 @@ def _run_points(model_path: Path, data_path: Path, out_dir: Path, todo: list, op
     """Rows of the points in ``todo``, as they finish (in this process, or over ``options.workers``)."""
     args = (str(model_path), str(data_path), str(out_dir))
     if options.workers == 1:
-        yield from (run_point(*args, p, s, options) for p, s in todo)
+        yield from (run_point(*args, point, options) for point in todo)
         return
     with ProcessPoolExecutor(max_workers=options.workers) as pool:
-        futures = [pool.submit(run_point, *args, p, s, options) for p, s in todo]
+        futures = [pool.submit(run_point, *args, point, options) for point in todo]
         for future in as_completed(futures):
             yield future.result()

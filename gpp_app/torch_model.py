@@ -58,12 +58,59 @@ def import_training():
 
 
 @dataclass
+class RestoredBatchNorm:
+    """A BatchNorm2d inserted after a conv for training, to be folded back into its weight and bias."""
+
+    path: str  # the conv's module path in the converted graph
+    conv: object  # torch.nn.Conv2d
+    norm: object  # torch.nn.BatchNorm2d
+
+
+@dataclass
 class Trainable:
     """A torch module converted from an ONNX model, with the way back to its initializers."""
 
     module: object  # torch.nn.Module
     parameters: dict[str, tuple[object, bool]] = field(default_factory=dict)  # initializer -> (param, transposed)
     frozen: dict[str, object] = field(default_factory=dict)  # initializer -> bool mask of weights kept at zero
+    convs: dict[str, tuple[str, object]] = field(default_factory=dict)  # module path -> (bias initializer, Conv2d)
+    batchnorms: list[RestoredBatchNorm] = field(default_factory=list)
+
+    def trainable_parameters(self) -> list:
+        """Everything the optimizer updates: the mapped initializers and any restored batch-norm."""
+        extra = [p for bn in self.batchnorms for p in (bn.norm.weight, bn.norm.bias)]
+        return [p for p, _ in self.parameters.values()] + extra
+
+    def restore_batchnorm(self, batches: list) -> None:
+        """Insert a BatchNorm2d after every conv with a trainable weight and bias, initialised from
+        the data (running statistics = the conv output's, affine = their inverse), so that the
+        function is unchanged at step 0 while training sees normalised activations again."""
+        import torch
+
+        stats = _conv_output_stats(self.module, [conv for _, conv in self.convs.values()], batches)
+        for path, (_, conv) in self.convs.items():
+            mean, var = stats[id(conv)]
+            norm = torch.nn.BatchNorm2d(conv.out_channels).to(conv.weight.device)
+            with torch.no_grad():
+                norm.running_mean.copy_(mean)
+                norm.running_var.copy_(var)
+                norm.weight.copy_(torch.sqrt(var + norm.eps))
+                norm.bias.copy_(mean)
+            _replace_submodule(self.module, path, torch.nn.Sequential(conv, norm))
+            self.batchnorms.append(RestoredBatchNorm(path, conv, norm))
+
+    def fold_batchnorm(self) -> None:
+        """Fold each restored batch-norm (running statistics) back into its conv's weight and bias."""
+        import torch
+
+        with torch.no_grad():
+            for bn in self.batchnorms:
+                scale = bn.norm.weight / torch.sqrt(bn.norm.running_var + bn.norm.eps)
+                bn.conv.weight.mul_(scale.view(-1, 1, 1, 1))
+                bn.conv.bias.copy_((bn.conv.bias - bn.norm.running_mean) * scale + bn.norm.bias)
+                _replace_submodule(self.module, bn.path, bn.conv)
+        self.batchnorms = []
+        self.apply_masks()
 
     def apply_masks(self) -> None:
         """Put the frozen weights back to exactly zero (after an optimizer step)."""
@@ -74,7 +121,9 @@ class Trainable:
                 self.parameters[name][0].masked_fill_(mask, 0.0)
 
     def write_back(self, model: onnx.ModelProto) -> None:
-        """Copy the trained values into the model's float initializers of the same names."""
+        """Copy the trained values (restored batch-norms folded first) into the model's float
+        initializers of the same names."""
+        self.fold_batchnorm()
         initializers = {t.name: t for t in model.graph.initializer}
         for name, (param, transposed) in self.parameters.items():
             tensor = initializers[name]
@@ -113,9 +162,57 @@ def to_trainable(model: onnx.ModelProto) -> Trainable:
                 continue
             transposed = tuple(param.shape) != original.shape and tuple(param.shape[::-1]) == original.shape
             trainable.parameters[name] = (param, transposed)
+        _note_conv(trainable, module, sub, node)
     annotation = read_annotation(model)
     for entry in annotation.weights if annotation else []:
         if entry.weight in trainable.parameters:
             param, _ = trainable.parameters[entry.weight]
             trainable.frozen[entry.weight] = param.detach() == 0
     return trainable
+
+
+def _note_conv(trainable: Trainable, module: object, sub: object, node: onnx.NodeProto) -> None:
+    """Remember a 2-D conv whose weight and bias are both trainable initializers (batch-norm can follow it)."""
+    import torch
+
+    if not isinstance(sub, torch.nn.Conv2d) or len(node.input) < 3:
+        return
+    if node.input[1] in trainable.parameters and node.input[2] in trainable.parameters:
+        path = next(name for name, candidate in module.named_modules() if candidate is sub)
+        trainable.convs[path] = (node.input[2], sub)
+
+
+def _replace_submodule(module: object, path: str, replacement: object) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(module.get_submodule(parent) if parent else module, name, replacement)
+
+
+def _conv_output_stats(module: object, convs: list, batches: list) -> dict[int, tuple]:
+    """Per-channel mean and (biased) variance of each conv's output over the batches (eval mode)."""
+    import torch
+
+    sums: dict[int, list] = {id(conv): [0.0, 0.0, 0] for conv in convs}
+
+    def hook(conv, inputs, output) -> None:
+        values = output.detach().double()
+        entry = sums[id(conv)]
+        entry[0] = entry[0] + values.sum(dim=(0, 2, 3))
+        entry[1] = entry[1] + (values**2).sum(dim=(0, 2, 3))
+        entry[2] += values.shape[0] * values.shape[2] * values.shape[3]
+
+    handles = [conv.register_forward_hook(hook) for conv in convs]
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                module(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        module.train(was_training)
+    stats = {}
+    for key, (total, squares, count) in sums.items():
+        mean = total / count
+        stats[key] = (mean.float(), torch.clamp(squares / count - mean**2, min=0.0).float())
+    return stats

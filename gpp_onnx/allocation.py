@@ -14,6 +14,10 @@ always marked pruned (for free).
   quantized and float layers) compare; the lowest-scoring prefix whose cost comes
   closest to the target is pruned.
 
+A *layer floor* ``f`` (both scopes) protects the ``ceil(f * units)`` highest-scoring units
+of every layer, so that no layer is emptied however high the target; the achieved sparsity
+then stays below the target where the floor forbids more.
+
 Ties are broken by position (layer order, then unit order), so results are deterministic.
 """
 
@@ -48,13 +52,27 @@ def _mask(order: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
-def select_per_layer(layers: list[Units], sparsity: float) -> list[np.ndarray]:
+def protected_scores(units: Units, floor: float) -> np.ndarray:
+    """The unit scores with the layer's ``ceil(floor * units)`` best units raised to +inf (never pruned)."""
+    score = units.score.astype(np.float64, copy=True)
+    keep = int(np.ceil(floor * score.size)) if floor > 0 else 0
+    if keep:
+        score[np.argsort(-score, kind="stable")[:keep]] = np.inf
+    return score
+
+
+def _prunable(scores: np.ndarray) -> int:
+    return int(np.isfinite(scores).sum())
+
+
+def select_per_layer(layers: list[Units], sparsity: float, floor: float = 0.0) -> list[np.ndarray]:
     """Pruned-unit masks, one per layer, each layer near ``sparsity`` and the total nearest."""
-    orders = [np.argsort(u.score, kind="stable") for u in layers]
-    prefixes = [_prefix(u.cost[o]) for u, o in zip(layers, orders)]
+    scores = [protected_scores(u, floor) for u in layers]
+    orders = [np.argsort(s, kind="stable") for s in scores]
+    prefixes = [_prefix(u.cost[o])[: _prunable(s) + 1] for u, o, s in zip(layers, orders, scores)]
     needs = [_zeros_to_gain(u.size, u.cost, sparsity) for u in layers]
     counts = [
-        max(int(np.searchsorted(cum, need, side="right")) - 1, _free_count(u.cost[o]))
+        min(max(int(np.searchsorted(cum, need, side="right")) - 1, _free_count(u.cost[o])), len(cum) - 1)
         for u, o, cum, need in zip(layers, orders, prefixes, needs)
     ]
     deficit = sum(needs) - sum(int(cum[k]) for cum, k in zip(prefixes, counts))
@@ -70,18 +88,19 @@ def select_per_layer(layers: list[Units], sparsity: float) -> list[np.ndarray]:
     return [_mask(o, k) for o, k in zip(orders, counts)]
 
 
-def select_global(layers: list[Units], sparsity: float) -> list[np.ndarray]:
+def select_global(layers: list[Units], sparsity: float, floor: float = 0.0) -> list[np.ndarray]:
     """Pruned-unit masks from one ranking across layers of layer-normalised scores."""
     scores = []
     for u in layers:
-        layer_mean = u.l1.sum() / u.size.sum()
-        scores.append(u.score / layer_mean if layer_mean > 0 else np.zeros(u.score.shape))
+        protected, layer_mean = protected_scores(u, floor), u.l1.sum() / u.size.sum()
+        scores.append(protected / layer_mean if layer_mean > 0 else np.where(np.isinf(protected), np.inf, 0.0))
     costs = np.concatenate([u.cost for u in layers])
     sizes = np.concatenate([u.size for u in layers])
-    order = np.argsort(np.concatenate(scores), kind="stable")
-    cum = _prefix(costs[order])
+    all_scores = np.concatenate(scores)
+    order = np.argsort(all_scores, kind="stable")
+    cum = _prefix(costs[order])[: _prunable(all_scores) + 1]
     target = _zeros_to_gain(sizes, costs, sparsity)
-    k = max(int(np.argmin(np.abs(cum - target))), _free_count(costs[order]))
+    k = min(max(int(np.argmin(np.abs(cum - target))), _free_count(costs[order])), len(cum) - 1)
     chosen = _mask(order, k)
     bounds = np.cumsum([0] + [u.cost.size for u in layers])
     return [chosen[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

@@ -19,6 +19,14 @@ from gpp_onnx.errors import UserError
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where the system allows (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TypeVar
 
 import numpy as np
@@ -58,12 +58,15 @@ class PruneOptions:
     tile: TileShape | str | object | None = None
     exclude: tuple[str, ...] = ()
     include_fc: bool = False
+    layer_floor: float = 0.0  # fraction of each layer's units (the best-scoring) never pruned
 
     def check(self) -> list[re.Pattern[str]]:
         """Validate the options (UserError otherwise); returns the compiled exclude patterns."""
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
             raise UserError(f"sparsity {self.sparsity!r} is outside [0, 1); give a fraction such as 0.7")
         get_pattern(self.pattern)
+        if not isinstance(self.layer_floor, (int, float)) or not 0.0 <= self.layer_floor <= 1.0:
+            raise UserError(f"layer floor {self.layer_floor!r} is outside [0, 1]; give a fraction such as 0.05")
         if self.scope not in SCOPES:
             raise UserError(f"unknown scope {self.scope!r}; use one of {', '.join(SCOPES)}")
         compiled = []
@@ -73,6 +76,10 @@ class PruneOptions:
             except re.error as exc:
                 raise UserError(f"--exclude {text!r} is not a valid regular expression ({exc})") from None
         return compiled
+
+    def arguments(self) -> dict[str, object]:
+        """The options as keyword arguments of :func:`prune`."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def _skip_reason(layer: Layer, pattern: Pattern, exclude: list[re.Pattern[str]], include_fc: bool) -> str | None:
@@ -141,15 +148,17 @@ def prune(
     exclude: Sequence[str] = (),
     include_fc: bool = False,
     track: Track = no_progress,
+    layer_floor: float = 0.0,
 ) -> tuple[onnx.ModelProto, Report]:
     """Prune the conv (and with ``include_fc`` fully connected) weights of a model.
 
     ``model`` is a path, a ModelProto or a LoadedModel; it is not modified. ``tile`` is a
     TileShape, ``"OUTxIN"`` or a hardware config with ``BLOCK_OUT`` / ``BLOCK_IN`` (a
     ``vta_backend.VTAConfig``). Returns the pruned model, carrying the sparse-tile
-    annotation, and the per-layer report.
+    annotation, and the per-layer report. ``layer_floor`` keeps that fraction of every layer's
+    units (the best-scoring) whatever the target, so no layer is emptied.
     """
-    options = PruneOptions(sparsity, pattern, scope, tile, tuple(exclude), include_fc)
+    options = PruneOptions(sparsity, pattern, scope, tile, tuple(exclude), include_fc, layer_floor)
     exclude_rx = options.check()
     tile_shape, chosen_pattern = resolve_tile(tile), get_pattern(pattern)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
@@ -161,7 +170,7 @@ def prune(
     if not eligible:
         raise _no_prunable_layer(layers, reasons)
     units = [_units(layer, chosen_pattern, tile_shape) for layer in track(eligible, "scoring", len(eligible))]
-    chosen = (select_global if scope == "global" else select_per_layer)(units, float(sparsity))
+    chosen = (select_global if scope == "global" else select_per_layer)(units, float(sparsity), layer_floor)
     for layer, unit, pruned_units in track(list(zip(eligible, units, chosen)), "pruning", len(eligible)):
         _zero_units(layer, unit, pruned_units, chosen_pattern, tile_shape)
     statuses = {w: ("pruned", None) if r is None else ("skipped", r) for w, r in reasons.items()}

@@ -20,6 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 from timing import best_of
 
 import gpp_onnx
+from gpp_onnx.patterns import pattern_names
+from gpp_onnx.pruner import DEFAULT_PATTERN
 
 
 class GraphBuilder:
@@ -84,7 +86,7 @@ def resnet50(rng: np.random.Generator) -> onnx.ModelProto:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pattern", default="group", choices=["group", "block", "channel", "element"])
+    parser.add_argument("--pattern", default=DEFAULT_PATTERN, choices=pattern_names())
     parser.add_argument("--scope", default="layer", choices=["layer", "global"])
     parser.add_argument("--sparsity", type=float, default=0.7)
     parser.add_argument("--repeat", type=int, default=3)

@@ -65,8 +65,13 @@ def default_cache_dir() -> Path:
     """``$GPP_CACHE_DIR``, else ``$XDG_CACHE_HOME/gpp-onnx``, else ``~/.cache/gpp-onnx``."""
     if os.environ.get("GPP_CACHE_DIR"):
         return Path(os.environ["GPP_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "gpp-onnx"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):  # the XDG spec: a relative path is ignored
+        return Path(xdg) / "gpp-onnx"
+    try:
+        return Path.home() / ".cache" / "gpp-onnx"
+    except RuntimeError:  # no home folder known
+        return Path(tempfile.gettempdir()) / "gpp-onnx-cache"
 
 
 def cache_key(model: onnx.ModelProto, options: CalibrationOptions, data: str) -> dict:
@@ -90,7 +95,8 @@ def calibrate(
     model: onnx.ModelProto,
     feeds: Iterable[Mapping[str, np.ndarray]],
     options: CalibrationOptions = CalibrationOptions(),
-    data: str = "",
+    *,
+    data: str,
     cache_dir: Path | None = None,
 ) -> tuple[dict[str, int], bool]:
     """Power-of-two shift of every float activation; returns ``(shifts, from_cache)``.

@@ -45,7 +45,7 @@ def fail(message: str) -> None:
 def _flush_c_stdio() -> None:
     try:
         ctypes.CDLL(None).fflush(None)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no C library to flush (e.g. Windows)
         pass
 
 
@@ -62,6 +62,7 @@ def _stdout_to_stderr() -> Iterator[None]:
         yield
     finally:
         sys.stderr.flush()
+        saved_stream.flush()  # written through a reference taken before the redirect: goes to stderr too
         _flush_c_stdio()
         sys.stdout = saved_stream
         os.dup2(saved_fd, 1)
@@ -163,7 +164,7 @@ ModelArg = Annotated[Path, typer.Argument(help="ONNX model file.", show_default=
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")]
 PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Write each layer's tile map as a PNG heat map.")]
 TileOpt = Annotated[
-    Optional[str], typer.Option("--tile", help="Tile shape OUTxIN (default 16x16) or a VTA config JSON.")
+    Optional[str], typer.Option("--tile", help=f"Tile shape OUTxIN (default {TileShape()}) or a VTA config JSON.")
 ]
 DataOpt = Annotated[
     Optional[Path], typer.Option("--data", help="CIFAR-10 folder [default: $GPP_DATA_DIR/cifar10-jpeg].")

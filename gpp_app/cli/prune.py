@@ -86,6 +86,10 @@ def prune(
     include_fc: Annotated[
         bool, typer.Option("--include-fc", help="Also prune Gemm/MatMul with constant weights.")
     ] = False,
+    layer_floor: Annotated[
+        float,
+        typer.Option("--layer-floor", help="Fraction of each layer's units (the best) never pruned, so none empties."),
+    ] = PruneOptions.layer_floor,
     as_json: JsonOpt = False,
     plot: PlotOpt = None,
     recalibrate_data: Annotated[
@@ -103,7 +107,7 @@ def prune(
     output = output or model.with_name(model.stem + "-pruned.onnx")
     check_output_path(output, [model])
     check_plot_path(plot, [model, output])
-    options = PruneOptions(sparsity, pattern, scope, parse_tile(tile), tuple(exclude or ()), include_fc)
+    options = PruneOptions(sparsity, pattern, scope, parse_tile(tile), tuple(exclude or ()), include_fc, layer_floor)
     report = prune_file(model, output, options, recalibrate_data, recalibrate_images, track=progress)
     return report_output(report, f"{model} -> {output}", plot)
 

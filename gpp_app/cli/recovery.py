@@ -29,6 +29,18 @@ from gpp_app.recalibrate import DEFAULT_RECALIBRATION_IMAGES
 from gpp_app.sweep import DEFAULT_SPARSITIES, SweepOptions
 from gpp_onnx.model_io import check_input_path, check_output_path
 from gpp_onnx.patterns import pattern_names
+from vta_backend.calibration import CalibrationOptions
+
+EpochsOpt = Annotated[int, typer.Option("--epochs", help="Fine-tuning passes over the train split (sweep: 0 = none).")]
+LrOpt = Annotated[float, typer.Option("--lr", help="Peak learning rate (SGD, momentum 0.9, wd 1e-4).")]
+RestoreBnOpt = Annotated[
+    bool,
+    typer.Option("--restore-bn/--no-restore-bn", help="Train with a BatchNorm after each conv, folded back after."),
+]
+KdTemperatureOpt = Annotated[
+    float, typer.Option("--kd-temperature", help="Softening of both models' outputs for distillation.")
+]
+KdWeightOpt = Annotated[float, typer.Option("--kd-weight", help="Share of the distillation loss (the rest: labels).")]
 
 
 @command
@@ -69,16 +81,20 @@ def finetune(
     output: Annotated[
         Optional[Path], typer.Option("--output", "-o", help="Output model [default: MODEL-ft.onnx].")
     ] = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the train split.")] = FinetuneOptions.epochs,
-    lr: Annotated[
-        float, typer.Option("--lr", help="Peak learning rate (SGD, momentum 0.9, wd 1e-4).")
-    ] = FinetuneOptions.lr,
+    epochs: EpochsOpt = FinetuneOptions.epochs,
+    lr: LrOpt = FinetuneOptions.lr,
     batch: Annotated[int, typer.Option("--batch", help="Images per step.")] = FinetuneOptions.batch,
     schedule: Annotated[str, typer.Option("--schedule", help="onecycle or cosine.")] = FinetuneOptions.schedule,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda [default: cuda if available].")] = None,
     seed: Annotated[int, typer.Option("--seed")] = FinetuneOptions.seed,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT.ckpt.")] = False,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Train on the first N images only.")] = None,
+    restore_bn: RestoreBnOpt = FinetuneOptions.restore_bn,
+    teacher: Annotated[
+        Optional[Path], typer.Option("--teacher", help="Distil from this ONNX model (the dense one MODEL came from).")
+    ] = None,
+    kd_temperature: KdTemperatureOpt = FinetuneOptions.kd_temperature,
+    kd_weight: KdWeightOpt = FinetuneOptions.kd_weight,
     eval_limit: EvalLimitOpt = None,
     as_json: JsonOpt = False,
 ) -> Output:
@@ -87,9 +103,20 @@ def finetune(
 
     check_input_path(model)
     output = output or model.with_name(model.stem + "-ft.onnx")
-    check_output_path(output, [model])
+    check_output_path(output, [model] + ([teacher] if teacher else []))
     options = FinetuneOptions(
-        epochs=epochs, lr=lr, batch=batch, schedule=schedule, device=device, seed=seed, resume=resume, limit=limit
+        epochs=epochs,
+        lr=lr,
+        batch=batch,
+        schedule=schedule,
+        device=device,
+        seed=seed,
+        resume=resume,
+        limit=limit,
+        restore_bn=restore_bn,
+        teacher=None if teacher is None else str(teacher),
+        kd_temperature=kd_temperature,
+        kd_weight=kd_weight,
     )
     options.check()
     with training_progress(epochs) as on_step:
@@ -135,12 +162,24 @@ def sweep_command(
     sparsities: Annotated[str, typer.Option("--sparsities", help="Comma-separated targets.")] = ",".join(
         f"{s:g}" for s in DEFAULT_SPARSITIES
     ),
-    epochs: Annotated[
-        int, typer.Option("--epochs", help="Fine-tuning epochs per point (0: none).")
-    ] = SweepOptions.epochs,
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated fine-tuning seeds per point.")] = "0",
+    epochs: EpochsOpt = FinetuneOptions.epochs,
+    lr: LrOpt = FinetuneOptions.lr,
+    restore_bn: RestoreBnOpt = FinetuneOptions.restore_bn,
+    distil: Annotated[
+        bool, typer.Option("--distil/--no-distil", help="Distil from MODEL (the dense model) while fine-tuning.")
+    ] = SweepOptions.distil,
+    kd_temperature: KdTemperatureOpt = FinetuneOptions.kd_temperature,
+    kd_weight: KdWeightOpt = FinetuneOptions.kd_weight,
     scope: Annotated[str, typer.Option("--scope", help="layer or global.")] = SweepOptions.scope,
+    layer_floor: Annotated[
+        float, typer.Option("--layer-floor", help="Fraction of each layer's units never pruned.")
+    ] = SweepOptions.layer_floor,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", "-x", help="Layers kept dense (regex).")] = None,
-    workers: Annotated[int, typer.Option("--workers", help="Points run in parallel processes.")] = 1,
+    workers: Annotated[int, typer.Option("--workers", help="Points run in parallel processes.")] = SweepOptions.workers,
+    calibration_images: Annotated[
+        int, typer.Option("--calibration-images", help="Train images to calibrate VTA's activation scales on.")
+    ] = CalibrationOptions.images,
     eval_limit: EvalLimitOpt = None,
     as_json: JsonOpt = False,
 ) -> Output:
@@ -151,16 +190,22 @@ def sweep_command(
     options = SweepOptions(
         patterns=tuple(parse_list(patterns, "--patterns", str, "group,block")),
         sparsities=tuple(parse_list(sparsities, "--sparsities", float, "0.5,0.7,0.9")),
-        epochs=epochs,
+        seeds=tuple(parse_list(seeds, "--seeds", int, "0,1")),
+        finetune=FinetuneOptions(
+            epochs=epochs, lr=lr, restore_bn=restore_bn, kd_temperature=kd_temperature, kd_weight=kd_weight
+        ),
+        distil=distil,
         scope=scope,
+        layer_floor=layer_floor,
         exclude=tuple(exclude or ()),
         workers=workers,
+        calibration=CalibrationOptions(images=calibration_images),
         eval_limit=eval_limit,
     )
 
     def on_point(row) -> None:
         status = row.error or f"after {row.accuracy_after_ort:.2%} (VTA {row.accuracy_after_vta:.2%})"
-        stderr.print(f"{row.pattern} {row.sparsity_target}: {status}", markup=False, highlight=False)
+        stderr.print(f"{row.pattern} {row.sparsity_target} seed {row.seed}: {status}", markup=False, highlight=False)
 
     result = sweep(model, data_dir or default_data_dir(), output, options, on_point)
     return Output(result.to_dict(), lambda: _print_sweep(result, output))

@@ -23,6 +23,7 @@ from gpp_app.cli.common import (
     progress,
     stdout,
 )
+from gpp_app.evaluate import RunOptions
 from gpp_onnx.errors import UserError
 from gpp_onnx.model_io import check_input_path, check_output_path, load_model
 from vta_backend.calibration import CalibrationOptions
@@ -144,11 +145,13 @@ def print_run(result) -> None:
 @command
 def run(
     model: ModelArg,
-    backend: Annotated[str, typer.Option("--backend", "-b", help="vta (convs on the VTA simulator) or ort.")] = "vta",
+    backend: Annotated[
+        str, typer.Option("--backend", "-b", help="vta (convs on the VTA simulator) or ort.")
+    ] = RunOptions.backend,
     data_dir: DataOpt = None,
-    split: Annotated[str, typer.Option("--split", help="test or train.")] = "test",
+    split: Annotated[str, typer.Option("--split", help="test or train.")] = RunOptions.split,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Use the first N images only.")] = None,
-    batch: Annotated[int, typer.Option("--batch", help="Images per batch.")] = 256,
+    batch: Annotated[int, typer.Option("--batch", help="Images per batch.")] = RunOptions.batch,
     mean: Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean [default: model metadata].")] = None,
     std: Annotated[Optional[str], typer.Option("--std", help="Per-channel std [default: model metadata].")] = None,
     calibration_method: Annotated[
@@ -170,7 +173,7 @@ def run(
 ) -> Output:
     """Top-1 accuracy on CIFAR-10 with ONNX Runtime, or with the convs on the VTA simulator (checked against ORT)."""
     from gpp_app import data
-    from gpp_app.evaluate import RunOptions, evaluate
+    from gpp_app.evaluate import evaluate
 
     if max_drop is not None and backend != "vta" and baseline is None:
         raise UserError("--max-drop compares against a reference: use --backend vta, or pass --baseline")

@@ -79,3 +79,16 @@ def test_sparsity_zero_changes_no_weight(rng):
     assert report.sparsity == 0.0
     for i, w in enumerate(weights):
         np.testing.assert_array_equal(weight(pruned, f"W{i}"), w)
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_a_layer_floor_keeps_every_layer_alive(rng, scope):
+    small = rng.standard_normal((32, 32, 3, 3)).astype(np.float32) * 0.01  # global ranking would empty it
+    large = rng.standard_normal((32, 32, 3, 3)).astype(np.float32)
+    model = conv_model([large, small], [1, 32, 8, 8])
+    _, report = gpp_onnx.prune(model, 0.95, pattern="group", scope=scope, layer_floor=0.1)
+    for row in report.layers:
+        assert row.tiles_kept >= np.ceil(0.1 * row.tiles_total)  # 4 x 9 tiles: at least 4 kept
+    assert report.sparsity < 0.95  # the floor holds back part of the target
+    _, unfloored = gpp_onnx.prune(model, 0.95, pattern="group", scope=scope)
+    assert min(row.tiles_kept for row in unfloored.layers) < 4  # without the floor a layer nearly empties
