@@ -22,12 +22,14 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 
 from gpp_app import data
+from gpp_app.gradual import GradualPruner
 from gpp_app.torch_model import Trainable, import_training, to_trainable
 from gpp_onnx.annotation import read_annotation, validate_annotation
 from gpp_onnx.errors import UserError
 from gpp_onnx.files import atomic_path
 from gpp_onnx.model_io import load_model, save_model
 from gpp_onnx.normalization import normalization_for
+from gpp_onnx.pruner import PruneOptions, prune
 
 SCHEDULES = ("cosine", "onecycle")
 MAX_GRAD_NORM = 10.0
@@ -52,6 +54,8 @@ class FinetuneOptions:
     teacher: str | None = None  # an ONNX model (the dense one) to distil from
     kd_temperature: float = 4.0  # softens both models' outputs in the distillation loss
     kd_weight: float = 0.7  # share of the distillation loss; 1 - kd_weight goes to the labels
+    gradual: PruneOptions | None = None  # prune gradually to gradual.sparsity while training
+    gradual_until: float = 0.6  # fraction of the steps over which the sparsity rises; masks fixed after
 
     def check(self) -> None:
         """Raise UserError for options that cannot work, before any training starts."""
@@ -61,6 +65,10 @@ class FinetuneOptions:
             raise UserError(f"batch size {self.batch} is below 1; pass --batch 1 or more")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"--limit {self.limit} is below 1")
+        if self.gradual is not None:
+            self.gradual.check()
+            if not 0 < self.gradual_until <= 1:
+                raise UserError(f"--gradual-until {self.gradual_until} is outside (0, 1]")
         if not (0 < self.kd_temperature < math.inf) or not 0 <= self.kd_weight <= 1:
             raise UserError("--kd-temperature must be above 0 and --kd-weight in [0, 1]")
         if not 0 < self.lr < math.inf:
@@ -122,6 +130,7 @@ class _Trainer:
     history: list
 
     teacher: object | None = None  # a torch module in eval mode
+    pruner: GradualPruner | None = None
 
     @property
     def params(self) -> list:
@@ -162,6 +171,8 @@ class _Trainer:
             self.optimizer.step()
             self.schedule.step()
             self.trainable.apply_masks()
+            if self.pruner is not None:
+                self.pruner.after_step(epoch * steps + step + 1)
             seen += len(index)
             loss_sum += float(loss.detach()) * len(index)
             correct += int((logits.argmax(1) == y).sum())
@@ -183,6 +194,7 @@ class _Trainer:
             "schedule": self.schedule.state_dict(),
             "history": self.history,
             "options": asdict(self.options),
+            "frozen": {name: mask.cpu() for name, mask in self.trainable.frozen.items()},
         }
 
     def restore(self, state: dict) -> None:
@@ -192,6 +204,8 @@ class _Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.history[:] = state["history"]
+        frozen = state.get("frozen", self.trainable.frozen)
+        self.trainable.frozen = {name: mask.to(self.device) for name, mask in frozen.items()}
 
 
 def _schedule(torch, optimizer, options: FinetuneOptions, steps_per_epoch: int):
@@ -264,8 +278,14 @@ def train(
     optimizer = torch.optim.SGD(
         trainable.trainable_parameters(), lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay
     )
-    schedule = _schedule(torch, optimizer, options, -(-len(labels) // options.batch))
-    trainer = _Trainer(torch, trainable, optimizer, schedule, images, labels, normalize, options, device, [], teacher)
+    steps = -(-len(labels) // options.batch)
+    schedule = _schedule(torch, optimizer, options, steps)
+    pruner = None
+    if options.gradual is not None:
+        pruner = GradualPruner(model, trainable, options.gradual, steps * options.epochs, options.gradual_until)
+    trainer = _Trainer(
+        torch, trainable, optimizer, schedule, images, labels, normalize, options, device, [], teacher, pruner
+    )
     if options.resume and checkpoint is not None and checkpoint.exists():
         trainer.restore(torch.load(checkpoint, map_location=device, weights_only=False))
     with warnings.catch_warnings():
@@ -319,6 +339,8 @@ def finetune(
     tuned.CopyFrom(loaded.model)
     trainable, history = train(tuned, dataset, mean, std, options, checkpoint_path(output), on_step)
     trainable.write_back(tuned)
+    if options.gradual is not None:  # the final masks, with the annotation that describes them
+        tuned, _ = prune(tuned, **options.gradual.arguments())
     annotation = read_annotation(tuned)
     if annotation is not None:
         validate_annotation(tuned, annotation)  # the pruned tiles are still exactly zero

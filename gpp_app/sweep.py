@@ -50,6 +50,7 @@ class SweepOptions:
     recalibration_images: int = DEFAULT_RECALIBRATION_IMAGES
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)  # epochs 0: no fine-tuning
     distil: bool = True  # the swept (dense) model is the fine-tuning teacher
+    gradual: bool = False  # fine-tune the dense model while pruning gradually (else: one-shot, then fine-tune)
     calibration: CalibrationOptions = CalibrationOptions()
     eval_limit: int | None = None
     workers: int = 1
@@ -70,6 +71,8 @@ class SweepOptions:
         ]
         if self.distil and tune.kd_weight > 0:
             parts.append(f"kd T{tune.kd_temperature:g} w{tune.kd_weight:g}")
+        if self.gradual:
+            parts.append(f"gradual until {tune.gradual_until:g}")
         return ", ".join(parts)
 
     def check(self) -> None:
@@ -79,6 +82,8 @@ class SweepOptions:
                 PruneOptions(sparsity, pattern, self.scope, exclude=self.exclude, layer_floor=self.layer_floor).check()
         if self.workers < 1 or self.epochs < 0 or not self.seeds:
             raise UserError("--workers must be 1 or more, --epochs 0 or more, and --seeds name at least one seed")
+        if self.gradual and self.epochs == 0:
+            raise UserError("--gradual prunes while fine-tuning: give --epochs 1 or more")
         if self.epochs > 0:
             replace(self.finetune, epochs=max(self.epochs, 1)).check()
         check_eval_limit(self.eval_limit)
@@ -189,11 +194,11 @@ def _recover(dense: Path, data_path: Path, folder: Path, row: SweepRow, options:
     row.accuracy_after_ort = recalibrated.accuracy_after
     if options.epochs > 0:
         teacher = str(dense) if options.distil else None
-        tune = replace(options.finetune, seed=row.seed, teacher=teacher)
-        final = folder / "finetuned.onnx"
-        row.accuracy_after_ort = finetune_file(
-            folder / "recalibrated.onnx", data_path, final, tune, options.eval_limit
-        ).test_accuracy
+        tune = replace(
+            options.finetune, seed=row.seed, teacher=teacher, gradual=prune_options if options.gradual else None
+        )
+        source, final = (dense if options.gradual else final), folder / "finetuned.onnx"
+        row.accuracy_after_ort = finetune_file(source, data_path, final, tune, options.eval_limit).test_accuracy
     vta = evaluate_on_vta(final, data_path, RunOptions(limit=options.eval_limit, calibration=options.calibration))
     row.accuracy_after_vta, row.vta_cycles, row.vta_speedup = vta.accuracy, vta.vta.cycles, round(vta.vta.speedup, 4)
 

@@ -120,17 +120,38 @@ class Trainable:
             for name, mask in self.frozen.items():
                 self.parameters[name][0].masked_fill_(mask, 0.0)
 
+    def effective_values(self) -> dict[str, np.ndarray]:
+        """Each mapped initializer's current value as the ONNX model would hold it: conv weights
+        scaled by a restored batch-norm's factor (its bias is not folded here)."""
+        import torch
+
+        scales = {}
+        with torch.no_grad():
+            for bn in self.batchnorms:
+                scales[id(bn.conv.weight)] = (bn.norm.weight / torch.sqrt(bn.norm.running_var + bn.norm.eps)).view(
+                    -1, 1, 1, 1
+                )
+            values = {}
+            for name, (param, transposed) in self.parameters.items():
+                value = param.detach() * scales[id(param)] if id(param) in scales else param.detach()
+                value = value.cpu().numpy()
+                values[name] = value.T if transposed else value
+        return values
+
     def write_back(self, model: onnx.ModelProto) -> None:
         """Copy the trained values (restored batch-norms folded first) into the model's float
         initializers of the same names."""
         self.fold_batchnorm()
-        initializers = {t.name: t for t in model.graph.initializer}
-        for name, (param, transposed) in self.parameters.items():
-            tensor = initializers[name]
-            value = param.detach().cpu().numpy()
-            value = value.T if transposed else value
-            dtype = numpy_helper.to_array(tensor).dtype
-            tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value).astype(dtype), name))
+        write_arrays(model, self.effective_values())
+
+
+def write_arrays(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> None:
+    """Replace the values of the named initializers (each keeps its dtype)."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    for name, value in arrays.items():
+        tensor = initializers[name]
+        dtype = numpy_helper.to_array(tensor).dtype
+        tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value).astype(dtype), name))
 
 
 def to_trainable(model: onnx.ModelProto) -> Trainable:

@@ -29,16 +29,18 @@ from gpp_onnx import load_model, prune, save_model
 from gpp_onnx.files import write_text
 from gpp_onnx.model_io import image_input
 from gpp_onnx.normalization import normalization_for
+from gpp_onnx.pruner import PruneOptions
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("GPP_DATA_DIR", REPO.parent / "shared" / "data")) / "cifar10-jpeg"
-# name -> (restore batch-norm, peak lr, distil from the dense model, layer floor)
+# name -> (restore batch-norm, peak lr, distil from the dense model, layer floor, gradual pruning)
 CONFIGS = {
-    "folded": (False, 0.01, False, 0.0),  # the recipe before: BN folded, low lr
-    "bn": (True, 0.01, False, 0.0),
-    "bn-lr05": (True, 0.05, False, 0.0),
-    "bn-lr05-kd": (True, 0.05, True, 0.0),
-    "bn-lr05-kd-floor": (True, 0.05, True, 0.05),
+    "folded": (False, 0.01, False, 0.0, False),  # the recipe before: BN folded, low lr
+    "bn": (True, 0.01, False, 0.0, False),
+    "bn-lr05": (True, 0.05, False, 0.0, False),
+    "bn-lr05-kd": (True, 0.05, True, 0.0, False),
+    "bn-lr05-kd-floor": (True, 0.05, True, 0.05, False),
+    "bn-lr05-kd-gradual": (True, 0.05, True, 0.0, True),
 }
 COLUMNS = ["pattern", "sparsity", "config", "epochs", "train_images", "heldout_images", "heldout_accuracy", "seconds"]
 
@@ -58,14 +60,15 @@ def heldout_accuracy(model_path: Path, dataset: data.Dataset, start: int) -> tup
 
 
 def run(args: argparse.Namespace, pattern: str, sparsity: float, config: str) -> dict:
-    restore_bn, lr, distil, floor = CONFIGS[config]
+    restore_bn, lr, distil, floor, gradual = CONFIGS[config]
     dense = load_model(args.model)
     began = time.perf_counter()
-    pruned, _ = prune(dense, sparsity, pattern, "global", exclude=["^/conv1/"], layer_floor=floor)
+    pruning = PruneOptions(sparsity, pattern, "global", exclude=("^/conv1/",), layer_floor=floor)
+    pruned, _ = prune(dense, **pruning.arguments())
     pruned = recalibrate_from_data(pruned, dense.model, args.data, 2000)
     with tempfile.TemporaryDirectory() as tmp:
         source, tuned = Path(tmp) / "pruned.onnx", Path(tmp) / "tuned.onnx"
-        save_model(pruned, source, external_data=False)
+        save_model(dense.model if gradual else pruned, source, external_data=False)
         options = FinetuneOptions(
             epochs=args.epochs,
             lr=lr,
@@ -73,6 +76,7 @@ def run(args: argparse.Namespace, pattern: str, sparsity: float, config: str) ->
             teacher=str(args.model) if distil else None,
             limit=args.train,
             seed=args.seed,
+            gradual=pruning if gradual else None,
         )
         finetune(source, args.data, tuned, options)
         accuracy, count = heldout_accuracy(tuned, data.locate(args.data), args.train)

@@ -29,6 +29,7 @@ from gpp_app.recalibrate import DEFAULT_RECALIBRATION_IMAGES
 from gpp_app.sweep import DEFAULT_SPARSITIES, SweepOptions
 from gpp_onnx.model_io import check_input_path, check_output_path
 from gpp_onnx.patterns import pattern_names
+from gpp_onnx.pruner import DEFAULT_PATTERN, DEFAULT_SCOPE, PruneOptions
 from vta_backend.calibration import CalibrationOptions
 
 EpochsOpt = Annotated[int, typer.Option("--epochs", help="Fine-tuning passes over the train split (sweep: 0 = none).")]
@@ -41,6 +42,12 @@ KdTemperatureOpt = Annotated[
     float, typer.Option("--kd-temperature", help="Softening of both models' outputs for distillation.")
 ]
 KdWeightOpt = Annotated[float, typer.Option("--kd-weight", help="Share of the distillation loss (the rest: labels).")]
+PatternOpt = Annotated[str, typer.Option("--pattern", "-p", help=f"{', '.join(pattern_names())}.")]
+LayerFloorOpt = Annotated[float, typer.Option("--layer-floor", help="Fraction of each layer's units never pruned.")]
+ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", "-x", help="Layers kept dense (regex).")]
+GradualUntilOpt = Annotated[
+    float, typer.Option("--gradual-until", help="Fraction of training over which the sparsity rises.")
+]
 
 
 @command
@@ -95,6 +102,12 @@ def finetune(
     ] = None,
     kd_temperature: KdTemperatureOpt = FinetuneOptions.kd_temperature,
     kd_weight: KdWeightOpt = FinetuneOptions.kd_weight,
+    gradual: Annotated[Optional[float], typer.Option("--gradual", help="Prune gradually to this sparsity.")] = None,
+    pattern: PatternOpt = DEFAULT_PATTERN,
+    scope: Annotated[str, typer.Option("--scope", help="With --gradual: layer or global.")] = DEFAULT_SCOPE,
+    layer_floor: LayerFloorOpt = PruneOptions.layer_floor,
+    exclude: ExcludeOpt = None,
+    gradual_until: GradualUntilOpt = FinetuneOptions.gradual_until,
     eval_limit: EvalLimitOpt = None,
     as_json: JsonOpt = False,
 ) -> Output:
@@ -104,33 +117,26 @@ def finetune(
     check_input_path(model)
     output = output or model.with_name(model.stem + "-ft.onnx")
     check_output_path(output, [model] + ([teacher] if teacher else []))
+    pruning = PruneOptions(gradual or 0.0, pattern, scope, exclude=tuple(exclude or ()), layer_floor=layer_floor)
     options = FinetuneOptions(
-        epochs=epochs,
-        lr=lr,
-        batch=batch,
-        schedule=schedule,
-        device=device,
-        seed=seed,
-        resume=resume,
-        limit=limit,
-        restore_bn=restore_bn,
-        teacher=None if teacher is None else str(teacher),
-        kd_temperature=kd_temperature,
-        kd_weight=kd_weight,
+        **dict(epochs=epochs, lr=lr, batch=batch, schedule=schedule, device=device, seed=seed, resume=resume),
+        **dict(limit=limit, restore_bn=restore_bn, teacher=None if teacher is None else str(teacher)),
+        **dict(kd_temperature=kd_temperature, kd_weight=kd_weight, gradual_until=gradual_until),
+        gradual=None if gradual is None else pruning,
     )
     options.check()
     with training_progress(epochs) as on_step:
         result = finetune_file(model, data_dir or default_data_dir(), output, options, eval_limit, on_step, progress)
+    return Output(result.to_dict(), lambda: _print_finetune(result, output))
 
-    def show() -> None:
-        last = result.history[-1]
-        stdout.print(
-            f"{output}: {epochs} epochs, last train loss {last['loss']:.3f}, train accuracy "
-            f"{last['train_accuracy']:.2%}; test accuracy (ONNX Runtime fp32, {result.test_images:,} "
-            f"images of {result.data}) {result.test_accuracy:.2%}"
-        )
 
-    return Output(result.to_dict(), show)
+def _print_finetune(result, output: Path) -> None:
+    last = result.history[-1]
+    stdout.print(
+        f"{output}: {result.epochs} epochs, last train loss {last['loss']:.3f}, train accuracy "
+        f"{last['train_accuracy']:.2%}; test accuracy (ONNX Runtime fp32, {result.test_images:,} "
+        f"images of {result.data}) {result.test_accuracy:.2%}"
+    )
 
 
 def _print_sweep(result, output: Path) -> None:
@@ -172,10 +178,11 @@ def sweep_command(
     kd_temperature: KdTemperatureOpt = FinetuneOptions.kd_temperature,
     kd_weight: KdWeightOpt = FinetuneOptions.kd_weight,
     scope: Annotated[str, typer.Option("--scope", help="layer or global.")] = SweepOptions.scope,
-    layer_floor: Annotated[
-        float, typer.Option("--layer-floor", help="Fraction of each layer's units never pruned.")
-    ] = SweepOptions.layer_floor,
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", "-x", help="Layers kept dense (regex).")] = None,
+    layer_floor: LayerFloorOpt = SweepOptions.layer_floor,
+    gradual: Annotated[bool, typer.Option("--gradual/--one-shot", help="Prune gradually while fine-tuning.")] = (
+        SweepOptions.gradual
+    ),
+    exclude: ExcludeOpt = None,
     workers: Annotated[int, typer.Option("--workers", help="Points run in parallel processes.")] = SweepOptions.workers,
     calibration_images: Annotated[
         int, typer.Option("--calibration-images", help="Train images to calibrate VTA's activation scales on.")
@@ -197,6 +204,7 @@ def sweep_command(
         distil=distil,
         scope=scope,
         layer_floor=layer_floor,
+        gradual=gradual,
         exclude=tuple(exclude or ()),
         workers=workers,
         calibration=CalibrationOptions(images=calibration_images),

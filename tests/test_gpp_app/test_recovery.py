@@ -248,3 +248,60 @@ def test_a_diverging_run_stops_with_a_clear_error(torch, pruned_path, data_dir, 
     with pytest.raises(UserError, match="training diverged .* lower --lr"):
         finetune(pruned_path, data_dir, tmp_path / "x.onnx", FinetuneOptions(epochs=3, batch=8, lr=1e12))
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_gradual_pruning_reaches_the_target_with_a_valid_annotation(torch, dense_path, data_dir, tmp_path):
+    from gpp_app.finetune import FinetuneOptions, finetune
+    from gpp_onnx.pruner import PruneOptions
+
+    gradual = PruneOptions(0.5, "group", "layer", exclude=("conv0",))
+    out = tmp_path / "gradual.onnx"
+    result = finetune(dense_path, data_dir, out, FinetuneOptions(epochs=2, batch=8, gradual=gradual))
+    tuned = onnx.load(out)
+    annotation = gpp_onnx.read_annotation(tuned)
+    gpp_onnx.validate_annotation(tuned, annotation)
+    assert annotation.pattern == "group" and abs(annotation.achieved_sparsity - 0.5) < 0.05
+    assert result.frozen_weights > 0
+
+
+def test_a_gradual_schedule_below_the_current_sparsity_is_refused(torch, pruned_path, data_dir, tmp_path):
+    from gpp_app.finetune import FinetuneOptions, finetune
+    from gpp_onnx.pruner import PruneOptions
+
+    options = FinetuneOptions(epochs=1, batch=8, gradual=PruneOptions(0.2, "group", exclude=("conv0",)))
+    with pytest.raises(UserError, match="below the model's"):
+        finetune(pruned_path, data_dir, tmp_path / "x.onnx", options)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_distillation_from_a_teacher_with_other_outputs_is_refused(torch, pruned_path, data_dir, tmp_path):
+    from gpp_app.finetune import FinetuneOptions, finetune
+
+    other = tiny_cnn()
+    other.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 10
+    fc = next(t for t in other.graph.initializer if t.name == "fc")
+    fc.CopyFrom(numpy_helper.from_array(np.zeros((7, 32), np.float32), "fc"))  # 7 classes instead of 10
+    other.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 7
+    teacher = tmp_path / "teacher.onnx"
+    onnx.save(other, teacher)
+    options = FinetuneOptions(epochs=1, batch=8, teacher=str(teacher))
+    with pytest.raises(UserError, match="outputs \\[2, 7\\], the student \\[2, 10\\]"):
+        finetune(pruned_path, data_dir, tmp_path / "x.onnx", options)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_restored_batchnorm_leaves_the_function_unchanged_until_trained(torch, pruned_path, data_dir):
+    from gpp_app.finetune import split_in_memory
+    from gpp_app.torch_model import to_trainable
+
+    dataset = data.locate(data_dir)
+    images, _ = split_in_memory(str(dataset.root), dataset.layout, "train", None)
+    x = torch.from_numpy(data.normalize(images, data.IMAGENET_MEAN, data.IMAGENET_STD))
+    trainable = to_trainable(onnx.load(pruned_path))
+    before = trainable.module.eval()(x).detach()
+    trainable.restore_batchnorm([x])
+    assert len(trainable.batchnorms) == 1  # conv1 has a bias initializer; conv0 and conv2 have none
+    torch.testing.assert_close(trainable.module.eval()(x).detach(), before, rtol=1e-4, atol=1e-4)
+    model = onnx.load(pruned_path)
+    trainable.write_back(model)  # folds the batch-norm back: the ONNX model computes the same
+    np.testing.assert_allclose(weights(model)["w1"], weights(pruned_path)["w1"], rtol=1e-4, atol=1e-5)
