@@ -23,11 +23,12 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from gpp_app import data
 from gpp_app.gradual import GradualPruner
+from gpp_app.qat import CALIBRATION, VtaRounding
 from gpp_app.torch_model import Trainable, import_training, to_trainable
 from gpp_onnx.annotation import read_annotation, validate_annotation
 from gpp_onnx.errors import UserError
 from gpp_onnx.files import atomic_path
-from gpp_onnx.model_io import load_model, save_model
+from gpp_onnx.model_io import first_line, image_input, load_model, save_model
 from gpp_onnx.normalization import normalization_for
 from gpp_onnx.pruner import PruneOptions, prune
 
@@ -56,6 +57,7 @@ class FinetuneOptions:
     kd_weight: float = 0.7  # share of the distillation loss; 1 - kd_weight goes to the labels
     gradual: PruneOptions | None = None  # prune gradually to gradual.sparsity while training
     gradual_until: float = 0.6  # fraction of the steps over which the sparsity rises; masks fixed after
+    qat_epochs: int = 0  # the last epochs train through VTA's int8 rounding (batch-norm folded first)
 
     def check(self) -> None:
         """Raise UserError for options that cannot work, before any training starts."""
@@ -65,6 +67,8 @@ class FinetuneOptions:
             raise UserError(f"batch size {self.batch} is below 1; pass --batch 1 or more")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"--limit {self.limit} is below 1")
+        if not 0 <= self.qat_epochs <= self.epochs:
+            raise UserError(f"--qat-epochs {self.qat_epochs} must be between 0 and --epochs {self.epochs}")
         if self.gradual is not None:
             self.gradual.check()
             if not 0 < self.gradual_until <= 1:
@@ -131,6 +135,14 @@ class _Trainer:
 
     teacher: object | None = None  # a torch module in eval mode
     pruner: GradualPruner | None = None
+    rounding: Callable[[], None] | None = None  # attaches VTA rounding (for the QAT epochs)
+    qat: VtaRounding | None = None
+
+    def begin(self, epoch: int) -> None:
+        """Switch to VTA rounding when ``epoch`` is the first QAT epoch (or later, on resume)."""
+        if self.rounding is not None and epoch >= self.options.epochs - self.options.qat_epochs:
+            self.rounding()
+            self.rounding = None
 
     @property
     def params(self) -> list:
@@ -200,12 +212,22 @@ class _Trainer:
     def restore(self, state: dict) -> None:
         if {**state["options"], "resume": self.options.resume} != asdict(self.options):
             raise UserError("the checkpoint was written with other options; rerun without --resume")
+        self.begin(len(state["history"]))  # a checkpoint from the QAT epochs holds the rounded structure
         self.trainable.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.history[:] = state["history"]
         frozen = state.get("frozen", self.trainable.frozen)
         self.trainable.frozen = {name: mask.to(self.device) for name, mask in frozen.items()}
+
+
+def _qat_feeds(model: onnx.ModelProto, images: np.ndarray, normalize: Callable, torch, device: str) -> list:
+    """The first train images (no augmentation) as ONNX Runtime feeds, for the QAT calibration."""
+    name, _ = image_input(model)
+    count = min(len(images), CALIBRATION.images)
+    return [
+        {name: normalize(torch.from_numpy(images[i : i + 100]).to(device)).cpu().numpy()} for i in range(0, count, 100)
+    ]
 
 
 def _schedule(torch, optimizer, options: FinetuneOptions, steps_per_epoch: int):
@@ -224,17 +246,13 @@ def _teacher(torch, options: FinetuneOptions, probe, student_logits, device: str
         with torch.no_grad():
             shape = tuple(teacher(probe).shape)
     except Exception as exc:  # a teacher with other inputs fails inside its own graph
-        raise UserError(f"--teacher {options.teacher} cannot take the student's input ({_first_line(exc)})") from None
+        raise UserError(f"--teacher {options.teacher} cannot take the student's input ({first_line(exc)})") from None
     if shape != tuple(student_logits.shape):
         raise UserError(
             f"--teacher {options.teacher} outputs {list(shape)}, the student {list(student_logits.shape)}; "
             "distil from the dense model this one was pruned from"
         )
     return teacher
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _prepare(trainable: Trainable, torch, images: np.ndarray, normalize: Callable, options, device: str):
@@ -286,14 +304,21 @@ def train(
     trainer = _Trainer(
         torch, trainable, optimizer, schedule, images, labels, normalize, options, device, [], teacher, pruner
     )
+    if options.qat_epochs:
+        trainer.qat = VtaRounding(trainable)
+        feeds = _qat_feeds(model, images, normalize, torch, device)
+        trainer.rounding = lambda: trainer.qat.attach(model, feeds, data.describe_feeds(dataset, "train", mean, std))
     if options.resume and checkpoint is not None and checkpoint.exists():
         trainer.restore(torch.load(checkpoint, map_location=device, weights_only=False))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch's notes on onnx2torch's indexing, every step
         for epoch in range(len(trainer.history), options.epochs):
+            trainer.begin(epoch)
             trainer.epoch(epoch, on_step)
             if checkpoint is not None:
                 _save_checkpoint(torch, checkpoint, trainer.state())
+    if trainer.qat is not None:
+        trainer.qat.detach()
     trainable.module.cpu()
     return trainable, trainer.history
 

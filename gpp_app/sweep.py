@@ -73,6 +73,8 @@ class SweepOptions:
             parts.append(f"kd T{tune.kd_temperature:g} w{tune.kd_weight:g}")
         if self.gradual:
             parts.append(f"gradual until {tune.gradual_until:g}")
+        if tune.qat_epochs:
+            parts.append(f"qat {tune.qat_epochs}")
         return ", ".join(parts)
 
     def check(self) -> None:

@@ -96,7 +96,7 @@ class Trainable:
                 norm.running_var.copy_(var)
                 norm.weight.copy_(torch.sqrt(var + norm.eps))
                 norm.bias.copy_(mean)
-            _replace_submodule(self.module, path, torch.nn.Sequential(conv, norm))
+            replace_submodule(self.module, path, torch.nn.Sequential(conv, norm))
             self.batchnorms.append(RestoredBatchNorm(path, conv, norm))
 
     def fold_batchnorm(self) -> None:
@@ -108,7 +108,7 @@ class Trainable:
                 scale = bn.norm.weight / torch.sqrt(bn.norm.running_var + bn.norm.eps)
                 bn.conv.weight.mul_(scale.view(-1, 1, 1, 1))
                 bn.conv.bias.copy_((bn.conv.bias - bn.norm.running_mean) * scale + bn.norm.bias)
-                _replace_submodule(self.module, bn.path, bn.conv)
+                replace_submodule(self.module, bn.path, bn.conv)
         self.batchnorms = []
         self.apply_masks()
 
@@ -203,7 +203,8 @@ def _note_conv(trainable: Trainable, module: object, sub: object, node: onnx.Nod
         trainable.convs[path] = (node.input[2], sub)
 
 
-def _replace_submodule(module: object, path: str, replacement: object) -> None:
+def replace_submodule(module: object, path: str, replacement: object) -> None:
+    """Put ``replacement`` where the submodule at ``path`` (dotted) was."""
     parent, _, name = path.rpartition(".")
     setattr(module.get_submodule(parent) if parent else module, name, replacement)
 

@@ -71,7 +71,7 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
         model = onnx.load(path, load_external_data=False)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise UserError(
-            f"{path} is not a readable ONNX model ({_first_line(exc)}); "
+            f"{path} is not a readable ONNX model ({first_line(exc)}); "
             "pass an ONNX file, re-exporting it if it was truncated"
         ) from None
     if not model.graph.node or not model.opset_import or model.ir_version < 1:
@@ -85,14 +85,14 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
             onnx.load_external_data_for_model(model, str(path.parent))
         except (OSError, onnx.checker.ValidationError, ValueError) as exc:
             raise UserError(
-                f"{path}: its external data could not be read ({_first_line(exc)}); "
+                f"{path}: its external data could not be read ({first_line(exc)}); "
                 "keep the .data file beside the model under the name the model records"
             ) from None
     try:
         onnx.checker.check_model(path if had_external or _too_big(model) else model)
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise UserError(
-            f"{path} is not a valid ONNX model ({_first_line(exc)}); "
+            f"{path} is not a valid ONNX model ({first_line(exc)}); "
             "re-export it, or fix the model so that onnx.checker accepts it"
         ) from None
     return LoadedModel(model, path, had_external)
@@ -102,7 +102,8 @@ def _too_big(model: onnx.ModelProto) -> bool:
     return model.ByteSize() > PROTOBUF_LIMIT
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (at most 200 characters), for one-line errors."""
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:200]
 

@@ -23,9 +23,11 @@ import numpy as np
 import onnxruntime as ort
 
 from gpp_app import data
+from gpp_app.evaluate import RunOptions, vta_session
 from gpp_app.finetune import FinetuneOptions, finetune, split_in_memory
 from gpp_app.recalibrate import recalibrate_from_data
 from gpp_onnx import load_model, prune, save_model
+from gpp_onnx.annotation import read_kept_tiles
 from gpp_onnx.files import write_text
 from gpp_onnx.model_io import image_input
 from gpp_onnx.normalization import normalization_for
@@ -33,34 +35,50 @@ from gpp_onnx.pruner import PruneOptions
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("GPP_DATA_DIR", REPO.parent / "shared" / "data")) / "cifar10-jpeg"
-# name -> (restore batch-norm, peak lr, distil from the dense model, layer floor, gradual pruning)
+# name -> (restore batch-norm, peak lr, distil from the dense model, layer floor, gradual pruning, QAT epochs)
 CONFIGS = {
-    "folded": (False, 0.01, False, 0.0, False),  # the recipe before: BN folded, low lr
-    "bn": (True, 0.01, False, 0.0, False),
-    "bn-lr05": (True, 0.05, False, 0.0, False),
-    "bn-lr05-kd": (True, 0.05, True, 0.0, False),
-    "bn-lr05-kd-floor": (True, 0.05, True, 0.05, False),
-    "bn-lr05-kd-gradual": (True, 0.05, True, 0.0, True),
+    "folded": (False, 0.01, False, 0.0, False, 0),  # the recipe before: BN folded, low lr
+    "bn": (True, 0.01, False, 0.0, False, 0),
+    "bn-lr05": (True, 0.05, False, 0.0, False, 0),
+    "bn-lr05-kd": (True, 0.05, True, 0.0, False, 0),
+    "bn-lr05-kd-floor": (True, 0.05, True, 0.05, False, 0),
+    "bn-lr05-kd-gradual": (True, 0.05, True, 0.0, True, 0),
+    "bn-lr05-kd-qat": (True, 0.05, True, 0.0, False, 1),
 }
-COLUMNS = ["pattern", "sparsity", "config", "epochs", "train_images", "heldout_images", "heldout_accuracy", "seconds"]
+COLUMNS = [
+    "pattern",
+    "sparsity",
+    "config",
+    "epochs",
+    "train_images",
+    "heldout_images",
+    "heldout_accuracy",
+    "heldout_accuracy_vta",
+    "seconds",
+]
 
 
-def heldout_accuracy(model_path: Path, dataset: data.Dataset, start: int) -> tuple[float, int]:
-    """ORT fp32 top-1 on train images ``start`` and later."""
+def heldout_accuracy(model_path: Path, dataset: data.Dataset, start: int) -> tuple[float, float, int]:
+    """Top-1 on train images ``start`` and later: ONNX Runtime fp32, and the VTA backend (int8,
+    calibrated on the first train images as ``gpp-onnx run`` does)."""
     model = load_model(model_path).model
     name, _ = image_input(model)
     images, labels = split_in_memory(str(dataset.root), dataset.layout, "train", None)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     mean, std = normalization_for(model)
-    correct = 0
+    fp32 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    vta, _ = vta_session(model, read_kept_tiles(model), dataset, (mean, std), RunOptions())
+    correct = np.zeros(2, int)
     for i in range(start, len(labels), 500):
-        logits = session.run(None, {name: data.normalize(images[i : i + 500], mean, std)})[0]
-        correct += int((logits.argmax(1) == labels[i : i + 500]).sum())
-    return correct / (len(labels) - start), len(labels) - start
+        feeds = {name: data.normalize(images[i : i + 500], mean, std)}
+        for k, session in enumerate((fp32, vta)):
+            correct[k] += int((session.run(None, feeds)[0].argmax(1) == labels[i : i + 500]).sum())
+    vta.close()
+    count = len(labels) - start
+    return correct[0] / count, correct[1] / count, count
 
 
 def run(args: argparse.Namespace, pattern: str, sparsity: float, config: str) -> dict:
-    restore_bn, lr, distil, floor, gradual = CONFIGS[config]
+    restore_bn, lr, distil, floor, gradual, qat_epochs = CONFIGS[config]
     dense = load_model(args.model)
     began = time.perf_counter()
     pruning = PruneOptions(sparsity, pattern, "global", exclude=("^/conv1/",), layer_floor=floor)
@@ -77,9 +95,10 @@ def run(args: argparse.Namespace, pattern: str, sparsity: float, config: str) ->
             limit=args.train,
             seed=args.seed,
             gradual=pruning if gradual else None,
+            qat_epochs=qat_epochs,
         )
         finetune(source, args.data, tuned, options)
-        accuracy, count = heldout_accuracy(tuned, data.locate(args.data), args.train)
+        accuracy, accuracy_vta, count = heldout_accuracy(tuned, data.locate(args.data), args.train)
     return {
         "pattern": pattern,
         "sparsity": sparsity,
@@ -88,6 +107,7 @@ def run(args: argparse.Namespace, pattern: str, sparsity: float, config: str) ->
         "train_images": args.train,
         "heldout_images": count,
         "heldout_accuracy": round(accuracy, 4),
+        "heldout_accuracy_vta": round(accuracy_vta, 4),
         "seconds": round(time.perf_counter() - began),
     }
 

@@ -45,6 +45,7 @@ KdWeightOpt = Annotated[float, typer.Option("--kd-weight", help="Share of the di
 PatternOpt = Annotated[str, typer.Option("--pattern", "-p", help=f"{', '.join(pattern_names())}.")]
 LayerFloorOpt = Annotated[float, typer.Option("--layer-floor", help="Fraction of each layer's units never pruned.")]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", "-x", help="Layers kept dense (regex).")]
+QatEpochsOpt = Annotated[int, typer.Option("--qat-epochs", help="Last epochs trained through VTA's int8 rounding.")]
 GradualUntilOpt = Annotated[
     float, typer.Option("--gradual-until", help="Fraction of training over which the sparsity rises.")
 ]
@@ -108,6 +109,7 @@ def finetune(
     layer_floor: LayerFloorOpt = PruneOptions.layer_floor,
     exclude: ExcludeOpt = None,
     gradual_until: GradualUntilOpt = FinetuneOptions.gradual_until,
+    qat_epochs: QatEpochsOpt = FinetuneOptions.qat_epochs,
     eval_limit: EvalLimitOpt = None,
     as_json: JsonOpt = False,
 ) -> Output:
@@ -121,7 +123,7 @@ def finetune(
     options = FinetuneOptions(
         **dict(epochs=epochs, lr=lr, batch=batch, schedule=schedule, device=device, seed=seed, resume=resume),
         **dict(limit=limit, restore_bn=restore_bn, teacher=None if teacher is None else str(teacher)),
-        **dict(kd_temperature=kd_temperature, kd_weight=kd_weight, gradual_until=gradual_until),
+        **dict(kd_temperature=kd_temperature, kd_weight=kd_weight, gradual_until=gradual_until, qat_epochs=qat_epochs),
         gradual=None if gradual is None else pruning,
     )
     options.check()
@@ -172,6 +174,7 @@ def sweep_command(
     epochs: EpochsOpt = FinetuneOptions.epochs,
     lr: LrOpt = FinetuneOptions.lr,
     restore_bn: RestoreBnOpt = FinetuneOptions.restore_bn,
+    qat_epochs: QatEpochsOpt = FinetuneOptions.qat_epochs,
     distil: Annotated[
         bool, typer.Option("--distil/--no-distil", help="Distil from MODEL (the dense model) while fine-tuning.")
     ] = SweepOptions.distil,
@@ -199,7 +202,12 @@ def sweep_command(
         sparsities=tuple(parse_list(sparsities, "--sparsities", float, "0.5,0.7,0.9")),
         seeds=tuple(parse_list(seeds, "--seeds", int, "0,1")),
         finetune=FinetuneOptions(
-            epochs=epochs, lr=lr, restore_bn=restore_bn, kd_temperature=kd_temperature, kd_weight=kd_weight
+            epochs=epochs,
+            lr=lr,
+            restore_bn=restore_bn,
+            kd_temperature=kd_temperature,
+            kd_weight=kd_weight,
+            qat_epochs=qat_epochs,
         ),
         distil=distil,
         scope=scope,
@@ -211,12 +219,13 @@ def sweep_command(
         eval_limit=eval_limit,
     )
 
-    def on_point(row) -> None:
-        status = row.error or f"after {row.accuracy_after_ort:.2%} (VTA {row.accuracy_after_vta:.2%})"
-        stderr.print(f"{row.pattern} {row.sparsity_target} seed {row.seed}: {status}", markup=False, highlight=False)
-
-    result = sweep(model, data_dir or default_data_dir(), output, options, on_point)
+    result = sweep(model, data_dir or default_data_dir(), output, options, _report_point)
     return Output(result.to_dict(), lambda: _print_sweep(result, output))
+
+
+def _report_point(row) -> None:
+    status = row.error or f"after {row.accuracy_after_ort:.2%} (VTA {row.accuracy_after_vta:.2%})"
+    stderr.print(f"{row.pattern} {row.sparsity_target} seed {row.seed}: {status}", markup=False, highlight=False)
 
 
 @contextmanager

@@ -305,3 +305,16 @@ def test_restored_batchnorm_leaves_the_function_unchanged_until_trained(torch, p
     model = onnx.load(pruned_path)
     trainable.write_back(model)  # folds the batch-norm back: the ONNX model computes the same
     np.testing.assert_allclose(weights(model)["w1"], weights(pruned_path)["w1"], rtol=1e-4, atol=1e-5)
+
+
+def test_quantization_aware_epochs_keep_the_pruned_tiles_and_the_graph(torch, pruned_path, data_dir, tmp_path):
+    from gpp_app.finetune import FinetuneOptions, finetune
+
+    out = tmp_path / "qat.onnx"
+    finetune(pruned_path, data_dir, out, FinetuneOptions(epochs=2, batch=8, qat_epochs=1))
+    tuned, source = onnx.load(out), onnx.load(pruned_path)
+    gpp_onnx.validate_annotation(tuned, gpp_onnx.read_annotation(tuned))
+    assert [n.op_type for n in tuned.graph.node] == [n.op_type for n in source.graph.node]
+    assert not np.array_equal(weights(tuned)["w2"], weights(source)["w2"])
+    with pytest.raises(UserError, match="--qat-epochs 3 must be between 0 and --epochs 2"):
+        FinetuneOptions(epochs=2, qat_epochs=3).check()
