@@ -167,16 +167,16 @@ TileOpt = Annotated[
     Optional[str], typer.Option("--tile", help=f"Tile shape OUTxIN (default {TileShape()}) or a VTA config JSON.")
 ]
 DataOpt = Annotated[
-    Optional[Path], typer.Option("--data", help="CIFAR-10 folder [default: $GPP_DATA_DIR/cifar10-jpeg].")
+    Optional[Path], typer.Option("--data", help="CIFAR-10 folder (default: $GPP_DATA_DIR/cifar10-jpeg).")
 ]
-EvalLimitOpt = Annotated[Optional[int], typer.Option("--eval-limit", help="Test images to report on [default: all].")]
+EvalLimitOpt = Annotated[Optional[int], typer.Option("--eval-limit", help="Test images to report on (default: all).")]
 VtaConfigOpt = Annotated[Optional[Path], typer.Option("--vta-config", help="VTA config JSON (vta_config.json).")]
 BoardOpt = Annotated[Optional[str], typer.Option("--board", help="pynq, de10nano, ultra96 or zcu104.")]
 PerChannelOpt = Annotated[
     Optional[bool],
     typer.Option(
         "--per-channel/--per-tensor",
-        help="One power-of-two weight scale per output channel, or one per conv [default: per channel].",
+        help="One power-of-two weight scale per output channel, or one per conv (default: per channel).",
         show_default=False,
     ),
 ]

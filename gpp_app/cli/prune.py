@@ -69,7 +69,7 @@ def report_output(report: Report, title: str, plot: Path | None) -> Output:
 def prune(
     model: ModelArg,
     output: Annotated[
-        Optional[Path], typer.Option("--output", "-o", help="Output model [default: MODEL-pruned.onnx].")
+        Optional[Path], typer.Option("--output", "-o", help="Output model (default: MODEL-pruned.onnx).")
     ] = None,
     sparsity: Annotated[
         float, typer.Option("--sparsity", "-s", help="Fraction of prunable weights to zero, in [0, 1).")

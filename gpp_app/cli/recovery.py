@@ -60,7 +60,7 @@ def recalibrate_command(
         int, typer.Option("--images", help="Train images to match statistics on.")
     ] = DEFAULT_RECALIBRATION_IMAGES,
     output: Annotated[
-        Optional[Path], typer.Option("--output", "-o", help="Output model [default: MODEL-recal.onnx].")
+        Optional[Path], typer.Option("--output", "-o", help="Output model (default: MODEL-recal.onnx).")
     ] = None,
     eval_limit: EvalLimitOpt = None,
     as_json: JsonOpt = False,
@@ -87,13 +87,13 @@ def finetune(
     model: ModelArg,
     data_dir: DataOpt = None,
     output: Annotated[
-        Optional[Path], typer.Option("--output", "-o", help="Output model [default: MODEL-ft.onnx].")
+        Optional[Path], typer.Option("--output", "-o", help="Output model (default: MODEL-ft.onnx).")
     ] = None,
     epochs: EpochsOpt = FinetuneOptions.epochs,
     lr: LrOpt = FinetuneOptions.lr,
     batch: Annotated[int, typer.Option("--batch", help="Images per step.")] = FinetuneOptions.batch,
     schedule: Annotated[str, typer.Option("--schedule", help="onecycle or cosine.")] = FinetuneOptions.schedule,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda [default: cuda if available].")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu or cuda (default: cuda if available).")] = None,
     seed: Annotated[int, typer.Option("--seed")] = FinetuneOptions.seed,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUTPUT.ckpt.")] = False,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Train on the first N images only.")] = None,

@@ -78,7 +78,7 @@ def _check_compile_output(output: Path, model: Path) -> None:
 def compile_command(
     model: ModelArg,
     output: Annotated[
-        Optional[Path], typer.Option("--output", "-o", help="Output folder [default: MODEL-vta/].")
+        Optional[Path], typer.Option("--output", "-o", help="Output folder (default: MODEL-vta/).")
     ] = None,
     vta_config: VtaConfigOpt = None,
     board: BoardOpt = None,
@@ -89,8 +89,8 @@ def compile_command(
         Optional[int],
         typer.Option(
             "--activation-shift",
-            help=f"Power-of-two shift of every activation (no calibration here) [default: "
-            f"{QuantizationOptions.activation_shift}].",
+            help="Power-of-two shift of every activation, no calibration here "
+            f"(default: {QuantizationOptions.activation_shift}).",
             show_default=False,
         ),
     ] = None,
@@ -152,8 +152,8 @@ def run(
     split: Annotated[str, typer.Option("--split", help="test or train.")] = RunOptions.split,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Use the first N images only.")] = None,
     batch: Annotated[int, typer.Option("--batch", help="Images per batch.")] = RunOptions.batch,
-    mean: Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean [default: model metadata].")] = None,
-    std: Annotated[Optional[str], typer.Option("--std", help="Per-channel std [default: model metadata].")] = None,
+    mean: Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean (default: model metadata).")] = None,
+    std: Annotated[Optional[str], typer.Option("--std", help="Per-channel std (default: model metadata).")] = None,
     calibration_method: Annotated[
         str, typer.Option("--calibration-method", help="percentile, entropy or minmax.")
     ] = CalibrationOptions.method,
