@@ -34,6 +34,7 @@ from gpp_onnx.pruner import PruneOptions, prune
 
 SCHEDULES = ("cosine", "onecycle")
 MAX_GRAD_NORM = 10.0
+QAT_LR_SCALE = 0.1  # the QAT epochs train with batch-norm folded: a tenth of the scheduled rate
 StepCallback = Callable[[int, int, int, float, float], None]  # epoch, step, steps, loss, accuracy
 
 
@@ -138,11 +139,24 @@ class _Trainer:
     rounding: Callable[[], None] | None = None  # attaches VTA rounding (for the QAT epochs)
     qat: VtaRounding | None = None
 
+    def advance_schedule(self) -> None:
+        """One scheduler step; in the QAT epochs the rate is scaled by ``QAT_LR_SCALE`` (batch-norm is
+        folded there, which does not take the rates of BN training), undone before the next step."""
+        if self.qat is not None and self.qat.wrapped:
+            for group, lr in zip(self.optimizer.param_groups, self.schedule.get_last_lr()):
+                group["lr"] = lr
+        self.schedule.step()
+        if self.qat is not None and self.qat.wrapped:
+            for group in self.optimizer.param_groups:
+                group["lr"] *= QAT_LR_SCALE
+
     def begin(self, epoch: int) -> None:
         """Switch to VTA rounding when ``epoch`` is the first QAT epoch (or later, on resume)."""
         if self.rounding is not None and epoch >= self.options.epochs - self.options.qat_epochs:
             self.rounding()
             self.rounding = None
+            for group in self.optimizer.param_groups:
+                group["lr"] *= QAT_LR_SCALE
 
     @property
     def params(self) -> list:
@@ -181,7 +195,7 @@ class _Trainer:
                 raise UserError(f"training diverged (loss {float(loss)}) in epoch {epoch + 1}; lower --lr")
             torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)  # guards folded-BN training
             self.optimizer.step()
-            self.schedule.step()
+            self.advance_schedule()
             self.trainable.apply_masks()
             if self.pruner is not None:
                 self.pruner.after_step(epoch * steps + step + 1)

@@ -44,6 +44,9 @@ CONFIGS = {
     "bn-lr05-kd-floor": (True, 0.05, True, 0.05, False, 0),
     "bn-lr05-kd-gradual": (True, 0.05, True, 0.0, True, 0),
     "bn-lr05-kd-qat": (True, 0.05, True, 0.0, False, 1),
+    "bn-lr05-kd-floor-qat": (True, 0.05, True, 0.05, False, 1),
+    "bn-lr05-kd-floor-gradual": (True, 0.05, True, 0.05, True, 0),
+    "bn-lr05-kd-floor10": (True, 0.05, True, 0.1, False, 0),
 }
 COLUMNS = [
     "pattern",
