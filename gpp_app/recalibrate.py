@@ -26,6 +26,9 @@ from gpp_onnx.progress import Track, no_progress
 from gpp_onnx.weights import GraphIndex
 
 DEFAULT_RECALIBRATION_IMAGES = 2000  # train images whose statistics are matched
+# The largest per-channel scale recalibration folds in. Where pruning emptied the conv before,
+# the input is (nearly) constant and matching the dense std would scale the weights by 100s.
+MAX_SCALE = 10.0
 
 
 def _channel_stats(model: onnx.ModelProto, input_name: str, tensors: list[str], images: list[np.ndarray]) -> dict:
@@ -100,6 +103,7 @@ def recalibrate(
         current_mean, current_var = _channel_stats(result, input_name, [name], calibration)[name]
         target_mean, target_var = target[name]
         scale = np.where(current_var > 1e-12, np.sqrt(target_var / np.maximum(current_var, 1e-12)), 1.0)
+        scale = np.minimum(scale, MAX_SCALE)  # an input left (nearly) constant by pruning would blow it up
         shift = target_mean - scale * current_mean
         w = numpy_helper.to_array(weight)
         weight.CopyFrom(numpy_helper.from_array((w * scale.reshape(-1, 1, 1, 1)).astype(w.dtype), weight.name))
