@@ -46,7 +46,7 @@ class SweepOptions:
     seeds: tuple[int, ...] = (0,)
     scope: str = "global"
     exclude: tuple[str, ...] = ()
-    layer_floor: float = 0.0
+    layer_floor: float = 0.05  # every layer keeps 5 % of its units: at 90 % global ranking emptied layers
     recalibration_images: int = DEFAULT_RECALIBRATION_IMAGES
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)  # epochs 0: no fine-tuning
     distil: bool = True  # the swept (dense) model is the fine-tuning teacher
