@@ -318,3 +318,25 @@ def test_quantization_aware_epochs_keep_the_pruned_tiles_and_the_graph(torch, pr
     assert not np.array_equal(weights(tuned)["w2"], weights(source)["w2"])
     with pytest.raises(UserError, match="--qat-epochs 3 must be between 0 and --epochs 2"):
         FinetuneOptions(epochs=2, qat_epochs=3).check()
+
+
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        (["--epochs", "2", "--qat-epochs", "3"], "--qat-epochs 3 must be between 0 and --epochs 2"),
+        (["--gradual", "0.2", "-x", "conv0"], "below the model's"),
+        (["--kd-weight", "1.5"], "--kd-weight in [0, 1]"),
+        (["--gradual", "0.5", "--gradual-until", "0"], "--gradual-until 0.0 is outside (0, 1]"),
+        (["--teacher", "missing.onnx"], "does not exist"),
+    ],
+)
+def test_contradicting_recipe_options_fail_before_training(
+    torch, capsys, pruned_path, data_dir, tmp_path, extra, expected
+):
+    out = tmp_path / "ft.onnx"
+    code, stdout, stderr = run_cli(
+        capsys, "finetune", str(pruned_path), "--data", str(data_dir), "-o", str(out), *extra
+    )
+    assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert expected in stderr and "Traceback" not in stdout + stderr
+    assert not out.exists() and not (tmp_path / "ft.onnx.ckpt").exists()
