@@ -25,7 +25,7 @@ from gpp_app import data
 from gpp_app.gradual import GradualPruner
 from gpp_app.qat import CALIBRATION, VtaRounding
 from gpp_app.torch_model import Trainable, import_training, to_trainable
-from gpp_onnx.annotation import read_annotation, validate_annotation
+from gpp_onnx.annotation import read_annotation, validate_annotation, write_annotation
 from gpp_onnx.errors import UserError
 from gpp_onnx.files import atomic_path
 from gpp_onnx.model_io import first_line, image_input, load_model, save_model
@@ -155,8 +155,11 @@ class _Trainer:
         if self.rounding is not None and epoch >= self.options.epochs - self.options.qat_epochs:
             self.rounding()
             self.rounding = None
-            for group in self.optimizer.param_groups:
-                group["lr"] *= QAT_LR_SCALE
+            for param in self.params:  # momentum gathered in the units before batch-norm was folded
+                self.optimizer.state.pop(param, None)
+            if self.qat.wrapped:
+                for group in self.optimizer.param_groups:
+                    group["lr"] *= QAT_LR_SCALE
 
     @property
     def params(self) -> list:
@@ -221,12 +224,14 @@ class _Trainer:
             "history": self.history,
             "options": asdict(self.options),
             "frozen": {name: mask.cpu() for name, mask in self.trainable.frozen.items()},
+            "qat": self.qat is not None and bool(self.qat.wrapped),
         }
 
     def restore(self, state: dict) -> None:
         if {**state["options"], "resume": self.options.resume} != asdict(self.options):
             raise UserError("the checkpoint was written with other options; rerun without --resume")
-        self.begin(len(state["history"]))  # a checkpoint from the QAT epochs holds the rounded structure
+        if state.get("qat"):  # written during the QAT epochs: the module has the rounded structure
+            self.begin(self.options.epochs - self.options.qat_epochs)
         self.trainable.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -235,13 +240,11 @@ class _Trainer:
         self.trainable.frozen = {name: mask.to(self.device) for name, mask in frozen.items()}
 
 
-def _qat_feeds(model: onnx.ModelProto, images: np.ndarray, normalize: Callable, torch, device: str) -> list:
-    """The first train images (no augmentation) as ONNX Runtime feeds, for the QAT calibration."""
-    name, _ = image_input(model)
-    count = min(len(images), CALIBRATION.images)
-    return [
-        {name: normalize(torch.from_numpy(images[i : i + 100]).to(device)).cpu().numpy()} for i in range(0, count, 100)
-    ]
+def _record_target(model: onnx.ModelProto, target: float) -> None:
+    """Write the gradual schedule's target into the annotation (re-annotating recorded 0)."""
+    annotation = read_annotation(model)
+    annotation.target_sparsity = float(target)
+    write_annotation(model, annotation)
 
 
 def _schedule(torch, optimizer, options: FinetuneOptions, steps_per_epoch: int):
@@ -320,7 +323,8 @@ def train(
     )
     if options.qat_epochs:
         trainer.qat = VtaRounding(trainable)
-        feeds = _qat_feeds(model, images, normalize, torch, device)
+        name, _ = image_input(model)
+        feeds = list(data.feeds(dataset, name, mean, std, "train", CALIBRATION.batch, CALIBRATION.images))
         trainer.rounding = lambda: trainer.qat.attach(model, feeds, data.describe_feeds(dataset, "train", mean, std))
     if options.resume and checkpoint is not None and checkpoint.exists():
         trainer.restore(torch.load(checkpoint, map_location=device, weights_only=False))
@@ -378,8 +382,9 @@ def finetune(
     tuned.CopyFrom(loaded.model)
     trainable, history = train(tuned, dataset, mean, std, options, checkpoint_path(output), on_step)
     trainable.write_back(tuned)
-    if options.gradual is not None:  # the final masks, with the annotation that describes them
-        tuned, _ = prune(tuned, **options.gradual.arguments())
+    if options.gradual is not None:  # annotate exactly the frozen masks (all-zero units are marked for free)
+        tuned, _ = prune(tuned, **{**options.gradual.arguments(), "sparsity": 0.0})
+        _record_target(tuned, options.gradual.sparsity)
     annotation = read_annotation(tuned)
     if annotation is not None:
         validate_annotation(tuned, annotation)  # the pruned tiles are still exactly zero

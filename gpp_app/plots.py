@@ -60,30 +60,37 @@ def plot_tile_maps(report: Report, path: Path) -> None:
     save_figure(fig, path)
 
 
+def _curves(rows: list, column: str) -> dict[str, list[tuple[float, float]]]:
+    """Per pattern (and recipe, when the rows hold several) the column against sparsity, averaged over seeds."""
+    recipes = {r.recipe for r in rows}
+    points: dict[str, dict[float, list[float]]] = {}
+    for r in rows:
+        if getattr(r, column) is None:
+            continue
+        label = r.pattern if len(recipes) == 1 else f"{r.pattern} ({r.recipe})"
+        points.setdefault(label, {}).setdefault(r.sparsity_target, []).append(float(getattr(r, column)))
+    return {label: sorted((s, sum(v) / len(v)) for s, v in by.items()) for label, by in points.items()}
+
+
 def plot_sweep(rows: list, dense_accuracy: float, out_dir: Path, title: str) -> None:
-    """accuracy.png and speedup.png against sparsity, one line per pattern (``rows``: SweepRow)."""
+    """accuracy.png and speedup.png against sparsity, one line per pattern (``rows``: SweepRow), seeds averaged."""
     plt = _pyplot()
     good = [r for r in rows if not r.error and r.accuracy_after_ort is not None]
-    patterns = list(dict.fromkeys(r.pattern for r in good))
     epochs = ", ".join(str(e) for e in sorted({r.epochs for r in good}))
+    seeds = len({r.seed for r in good})
     for name, column, ylabel, reference in (
         ("accuracy.png", "accuracy_after_ort", "top-1 accuracy after fine-tuning (ORT fp32)", dense_accuracy),
         ("speedup.png", "vta_speedup", "VTA speedup over dense (simulated cycles)", 1.0),
     ):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for pattern in patterns:
-            points = sorted(
-                (r.sparsity_target, getattr(r, column))
-                for r in good
-                if r.pattern == pattern and getattr(r, column) is not None
-            )
-            if points:
-                ax.plot(*zip(*points), marker="o", label=pattern)
+        for label, points in _curves(good, column).items():
+            ax.plot(*zip(*points), marker="o", label=label)
         ax.axhline(reference, color="gray", linestyle="--", label="dense" if column != "vta_speedup" else "1x")
         ax.set_xlabel("target sparsity")
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{title}\ntest split; fine-tuning epochs: {epochs}", fontsize=8)
+        averaged = f"; mean of {seeds} seeds where run" if seeds > 1 else ""
+        ax.set_title(f"{title}\ntest split; fine-tuning epochs: {epochs}{averaged}", fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         fig.tight_layout()
         save_figure(fig, out_dir / name)

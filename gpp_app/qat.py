@@ -41,10 +41,11 @@ def _make_wrapper(conv, input_shift: int | None, weight_shift: np.ndarray):
             super().__init__()
             self.conv = conv
             self.register_buffer("weight_scale", torch.exp2(torch.as_tensor(weight_shift, dtype=torch.float32)))
-            self.input_scale = None if input_shift is None else 2.0**input_shift
+            # a buffer, so that a checkpoint restores it; NaN: the input is not rounded (no calibrated shift)
+            self.register_buffer("input_scale", torch.tensor(float("nan") if input_shift is None else 2.0**input_shift))
 
         def forward(self, x):
-            if self.input_scale is not None:
+            if not torch.isnan(self.input_scale):
                 x = _round_clip(x, self.input_scale)
             weight = _round_clip(self.conv.weight, self.weight_scale.view(-1, 1, 1, 1))
             return self.conv._conv_forward(x, weight, self.conv.bias)

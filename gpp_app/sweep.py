@@ -12,6 +12,7 @@ VTA speedup) are redrawn at the end.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import traceback
@@ -30,7 +31,7 @@ from gpp_onnx.errors import UserError
 from gpp_onnx.files import write_text
 from gpp_onnx.model_io import load_model
 from gpp_onnx.patterns import pattern_names
-from gpp_onnx.pruner import PruneOptions
+from gpp_onnx.pruner import PruneOptions, inspect
 from vta_backend.calibration import CalibrationOptions
 
 DEFAULT_SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -75,6 +76,10 @@ class SweepOptions:
             parts.append(f"gradual until {tune.gradual_until:g}")
         if tune.qat_epochs:
             parts.append(f"qat {tune.qat_epochs}")
+        defaults = SweepOptions()
+        for name in ("recalibration_images", "calibration", "eval_limit"):
+            if getattr(self, name) != getattr(defaults, name):
+                parts.append(f"{name} {getattr(self, name)}")
         return ", ".join(parts)
 
     def check(self) -> None:
@@ -171,7 +176,8 @@ def run_point(model_path: str, data_path: str, out_dir: str, point: tuple[str, f
     into the row's ``error``."""
     pattern, sparsity, seed = point
     row = SweepRow(pattern, sparsity, options.epochs, seed, options.recipe)
-    folder = Path(out_dir) / "points" / f"{pattern}-{sparsity:g}-seed{seed}"
+    recipe = hashlib.sha256(options.recipe.encode()).hexdigest()[:8]
+    folder = Path(out_dir) / "points" / f"{pattern}-{sparsity:g}-seed{seed}-{recipe}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         _recover(Path(model_path), Path(data_path), folder, row, options)
@@ -187,20 +193,23 @@ def _recover(dense: Path, data_path: Path, folder: Path, row: SweepRow, options:
     prune_options = PruneOptions(
         row.sparsity_target, row.pattern, options.scope, exclude=options.exclude, layer_floor=options.layer_floor
     )
-    row.sparsity_achieved = round(prune_file(dense, folder / "pruned.onnx", prune_options).sparsity, 6)
-    final = folder / "recalibrated.onnx"
-    recalibrated = recalibrate_file(
-        folder / "pruned.onnx", dense, data_path, final, options.recalibration_images, options.eval_limit
-    )
-    row.accuracy_before_ort, row.accuracy_recalibrated_ort = recalibrated.accuracy_before, recalibrated.accuracy_after
-    row.accuracy_after_ort = recalibrated.accuracy_after
+    final = dense  # gradual: fine-tuning prunes the dense model itself (no one-shot columns)
+    if not options.gradual:
+        row.sparsity_achieved = round(prune_file(dense, folder / "pruned.onnx", prune_options).sparsity, 6)
+        final = folder / "recalibrated.onnx"
+        recalibrated = recalibrate_file(
+            folder / "pruned.onnx", dense, data_path, final, options.recalibration_images, options.eval_limit
+        )
+        row.accuracy_before_ort, row.accuracy_after_ort = recalibrated.accuracy_before, recalibrated.accuracy_after
+        row.accuracy_recalibrated_ort = recalibrated.accuracy_after
     if options.epochs > 0:
         teacher = str(dense) if options.distil else None
         tune = replace(
             options.finetune, seed=row.seed, teacher=teacher, gradual=prune_options if options.gradual else None
         )
-        source, final = (dense if options.gradual else final), folder / "finetuned.onnx"
+        source, final = final, folder / "finetuned.onnx"
         row.accuracy_after_ort = finetune_file(source, data_path, final, tune, options.eval_limit).test_accuracy
+        row.sparsity_achieved = round(inspect(final).sparsity, 6)
     vta = evaluate_on_vta(final, data_path, RunOptions(limit=options.eval_limit, calibration=options.calibration))
     row.accuracy_after_vta, row.vta_cycles, row.vta_speedup = vta.accuracy, vta.vta.cycles, round(vta.vta.speedup, 4)
 

@@ -53,11 +53,13 @@ def _mask(order: np.ndarray, k: int) -> np.ndarray:
 
 
 def protected_scores(units: Units, floor: float) -> np.ndarray:
-    """The unit scores with the layer's ``ceil(floor * units)`` best units raised to +inf (never pruned)."""
+    """The unit scores with the layer's ``ceil(floor * units)`` best units raised to +inf (never pruned);
+    units that are already all zero are never protected (they cost nothing and VTA skips them)."""
     score = units.score.astype(np.float64, copy=True)
-    keep = int(np.ceil(floor * score.size)) if floor > 0 else 0
+    keep = int(np.ceil(floor * score.size - 1e-9)) if floor > 0 else 0
     if keep:
-        score[np.argsort(-score, kind="stable")[:keep]] = np.inf
+        best = np.argsort(-score, kind="stable")[:keep]
+        score[best[units.cost[best] > 0]] = np.inf
     return score
 
 

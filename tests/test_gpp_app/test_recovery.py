@@ -340,3 +340,28 @@ def test_contradicting_recipe_options_fail_before_training(
     assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
     assert expected in stderr and "Traceback" not in stdout + stderr
     assert not out.exists() and not (tmp_path / "ft.onnx.ckpt").exists()
+
+
+@pytest.mark.parametrize("stop_before", [1, 2])  # interrupted before the QAT epoch, or during it (epochs 0-based)
+def test_an_interrupted_qat_run_resumes_from_its_checkpoint(
+    torch, monkeypatch, pruned_path, data_dir, tmp_path, stop_before
+):
+    from gpp_app import finetune as module
+
+    out, options = tmp_path / "qat.onnx", module.FinetuneOptions(epochs=3, batch=8, qat_epochs=2)
+    real_epoch = module._Trainer.epoch
+
+    def interrupted(self, epoch, on_step):
+        if epoch == stop_before:
+            raise KeyboardInterrupt
+        real_epoch(self, epoch, on_step)
+
+    monkeypatch.setattr(module._Trainer, "epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        module.finetune(pruned_path, data_dir, out, options)
+    assert not out.exists() and module.checkpoint_path(out).exists()
+    monkeypatch.setattr(module._Trainer, "epoch", real_epoch)
+    result = module.finetune(pruned_path, data_dir, out, module.FinetuneOptions(**{**vars(options), "resume": True}))
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    tuned = onnx.load(out)
+    gpp_onnx.validate_annotation(tuned, gpp_onnx.read_annotation(tuned))
