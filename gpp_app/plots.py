@@ -94,3 +94,25 @@ def plot_sweep(rows: list, dense_accuracy: float, out_dir: Path, title: str) -> 
         ax.legend(fontsize=7)
         fig.tight_layout()
         save_figure(fig, out_dir / name)
+    plot_accuracy_vs_cycles(good, dense_accuracy, out_dir / "accuracy-vs-cycles.png", title)
+
+
+def plot_accuracy_vs_cycles(rows: list, dense_accuracy: float, path: Path, title: str) -> None:
+    """Accuracy (ORT fp32 and VTA int8) against simulated VTA cycles per image: the Pareto view."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for column, marker, kind in (("accuracy_after_ort", "o", "ORT fp32"), ("accuracy_after_vta", "x", "VTA int8")):
+        by_pattern: dict[str, list[tuple[int, float]]] = {}
+        for r in rows:
+            if r.vta_cycles is not None and getattr(r, column) is not None:
+                by_pattern.setdefault(r.pattern, []).append((r.vta_cycles, float(getattr(r, column))))
+        for pattern, points in by_pattern.items():
+            ax.scatter(*zip(*sorted(points)), marker=marker, label=f"{pattern}, {kind}")
+    ax.axhline(dense_accuracy, color="gray", linestyle="--", label="dense (ORT fp32)")
+    ax.set_xlabel("simulated VTA cycles per image")
+    ax.set_ylabel("top-1 accuracy (test split)")
+    ax.set_title(f"{title}\naccuracy against simulated latency (every seed a point)", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -208,7 +208,7 @@ def test_sweep_writes_csv_and_plots_and_resumes(torch, capsys, dense_path, data_
         "vta_speedup",
     }
     assert float(rows[0]["vta_speedup"]) > 1
-    for png in ("accuracy.png", "speedup.png"):
+    for png in ("accuracy.png", "speedup.png", "accuracy-vs-cycles.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     stamp = (out / "results.csv").stat().st_mtime_ns
     assert run_cli(capsys, *args)[0] == 0  # resumed: nothing left to do
