@@ -36,6 +36,8 @@ def encode_bitmap(bits: np.ndarray) -> str:
 
 def decode_bitmap(text: str, count: int) -> np.ndarray:
     """Inverse of :func:`encode_bitmap`; raises ValueError when the length or padding is wrong."""
+    if not isinstance(text, str):
+        raise ValueError(f"bitmap is not a base64 string but {type(text).__name__}")
     try:
         raw = base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError) as exc:
@@ -165,6 +167,10 @@ class Annotation:
                 f"sparse-tile annotation version {doc.get('version')!r} is not supported "
                 f"(this gpp-onnx reads version {FORMAT_VERSION}); upgrade gpp-onnx or re-run gpp-onnx prune"
             )
+        if not isinstance(doc.get("weights", []), list) or not isinstance(doc.get("skipped", []), list):
+            raise AnnotationError(
+                "sparse-tile annotation: 'weights' and 'skipped' must be lists; re-run gpp-onnx prune"
+            )
         weights = []
         for entry in doc.get("weights", []):
             try:
@@ -172,6 +178,9 @@ class Annotation:
             except (KeyError, TypeError, ValueError) as exc:
                 where = entry.get("nodes", "?") if isinstance(entry, dict) else "?"
                 raise AnnotationError(f"layer {where}: malformed annotation entry ({exc})") from None
+        repeated = sorted({w.weight for w in weights if sum(v.weight == w.weight for v in weights) > 1})
+        if repeated:
+            raise AnnotationError(f"sparse-tile annotation lists weight {repeated[0]!r} twice; re-run gpp-onnx prune")
         try:
             return cls(
                 tool_version=str(doc["tool_version"]),
@@ -200,10 +209,10 @@ def write_annotation(model: onnx.ModelProto, annotation: Annotation) -> None:
 
 def read_annotation(model: onnx.ModelProto) -> Annotation | None:
     """The model's annotation as typed objects, or None when it has none (not validated)."""
-    for prop in model.metadata_props:
-        if prop.key == ANNOTATION_KEY:
-            return Annotation.from_json(prop.value)
-    return None
+    entries = [prop.value for prop in model.metadata_props if prop.key == ANNOTATION_KEY]
+    if len(entries) > 1:
+        raise AnnotationError(f"the model has {len(entries)} metadata entries {ANNOTATION_KEY}; re-run gpp-onnx prune")
+    return Annotation.from_json(entries[0]) if entries else None
 
 
 def nonzero_tiles(layer: Layer, tile: TileShape) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -175,6 +176,8 @@ def run(
     from gpp_app import data
     from gpp_app.evaluate import evaluate
 
+    if max_drop is not None and not math.isfinite(max_drop):
+        raise UserError(f"--max-drop {max_drop} is not a finite number of points")
     if max_drop is not None and backend != "vta" and baseline is None:
         raise UserError("--max-drop compares against a reference: use --backend vta, or pass --baseline")
     options = RunOptions(

@@ -150,3 +150,27 @@ def test_pruning_again_replaces_the_annotation(rng):
     again, report = gpp_onnx.prune(model, 0.8, pattern="block")
     assert [p.key for p in again.metadata_props] == [ANNOTATION_KEY]
     assert gpp_onnx.read_annotation(again).pattern == "block"
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        (lambda d: d.update(weights=None), "must be lists"),
+        (lambda d: d.update(weights=7), "must be lists"),
+        (lambda d: d.update(skipped="x"), "must be lists"),
+        (lambda d: d["weights"][0].update(kept_tiles=12), "layer \\['conv0'\\]: malformed annotation entry"),
+        (lambda d: d["weights"].append(dict(d["weights"][0])), "lists weight 'W0' twice"),
+    ],
+)
+def test_a_tampered_document_is_an_annotation_error(rng, change, expected):
+    model = pruned_model(rng)
+    edit_document(model, change)
+    with pytest.raises(gpp_onnx.AnnotationError, match=expected):
+        gpp_onnx.read_annotation(model)
+
+
+def test_two_annotation_entries_are_an_error(rng):
+    model = pruned_model(rng)
+    model.metadata_props.add(key=ANNOTATION_KEY, value=model.metadata_props[0].value)
+    with pytest.raises(gpp_onnx.AnnotationError, match="2 metadata entries"):
+        gpp_onnx.read_annotation(model)
