@@ -83,6 +83,9 @@ def command(body: Callable[..., Output]) -> Callable[..., None]:
             fail(str(exc))
         except MemoryError:
             fail("out of memory; use a smaller model, fewer images or a smaller --batch, or free memory")
+        except OSError as exc:  # a path the system refuses (name too long, no permission, disk full, ...)
+            where = f" ({exc.filename})" if exc.filename else ""
+            fail(f"{exc.strerror or exc}{where}; check the paths given and the free space")
         if as_json:
             sys.stdout.write(json.dumps(output.document, indent=2) + "\n")
         else:

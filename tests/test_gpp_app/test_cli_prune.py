@@ -114,6 +114,8 @@ BAD_INPUTS = {
     "bad exclude regex": (lambda d, m: ["prune", str(m), "--exclude", "conv(("], "regular expression"),
     "plot not png": (lambda d, m: ["inspect", str(m), "--plot", str(d / "masks.jpg")], ".png"),
     "inspect missing": (lambda d, m: ["inspect", str(d / "nope.onnx")], "does not exist"),
+    "output name too long": (lambda d, m: ["prune", str(m), "-o", str(d / ("x" * 300 + ".onnx"))], "too long"),
+    "plot name too long": (lambda d, m: ["inspect", str(m), "--plot", str(d / ("x" * 300 + ".png"))], "too long"),
 }
 
 
