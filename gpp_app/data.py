@@ -82,12 +82,16 @@ def _load_pickle(file: Path) -> tuple[np.ndarray, np.ndarray]:
             batch = pickle.load(f, encoding="bytes")
     except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
         raise UserError(f"{file} is not a readable CIFAR-10 pickle batch ({exc})") from None
+    if not isinstance(batch, dict):
+        raise UserError(f"{file} holds a {type(batch).__name__}, not a CIFAR-10 batch dictionary; {LAYOUTS_HELP}")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     try:
         data = np.asarray(batch["data"], np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(batch.get("labels", batch.get("fine_labels")), np.int64)
     except (KeyError, ValueError, TypeError) as exc:
         raise UserError(f"{file} does not hold CIFAR-10 'data' and 'labels' ({exc})") from None
+    if labels.ndim != 1 or len(labels) != len(data):
+        raise UserError(f"{file} holds {len(data)} images but {labels.size} labels; pass a complete CIFAR-10 batch")
     return data, labels
 
 
@@ -127,6 +131,18 @@ def _decode(file: Path) -> np.ndarray:
         raise UserError(f"{file} is not a readable image ({exc})") from None
 
 
+def _stack(images: list[np.ndarray], chunk: list[tuple[Path, int]]) -> np.ndarray:
+    """One batch array; images of different sizes are an error naming one of the odd ones."""
+    first = images[0].shape
+    for (file, _), image in zip(chunk, images):
+        if image.shape != first:
+            raise UserError(
+                f"{file} is {image.shape[1]}x{image.shape[2]} but {chunk[0][0]} is {first[1]}x{first[2]}; "
+                "all images must have one size"
+            )
+    return np.stack(images)
+
+
 def iter_uint8(
     dataset: Dataset, split: str, batch: int, limit: int | None = None
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -138,7 +154,7 @@ def iter_uint8(
         files = _folder_files(dataset.root, split)[:limit]
         for start in range(0, len(files), batch):
             chunk = files[start : start + batch]
-            yield np.stack([_decode(f) for f, _ in chunk]), np.array([label for _, label in chunk], np.int64)
+            yield _stack([_decode(f) for f, _ in chunk], chunk), np.array([label for _, label in chunk], np.int64)
         return
     suffix, loader = ("", _load_pickle) if dataset.layout == "pickle" else (".bin", _load_binary)
     files = _split_files(dataset.root, split, suffix)

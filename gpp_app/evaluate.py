@@ -182,12 +182,20 @@ def _ort_session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
+def _check_data_fits(dataset: data.Dataset, split: str, dims: list, name: str) -> None:
+    """The first image of the split has the model's input size and channels (UserError otherwise)."""
+    first = next(data.iter_uint8(dataset, split, 1, 1), None)
+    if first is None:
+        raise UserError(f"no {split} images in {dataset.root}; {data.LAYOUTS_HELP}")
+    _check_fits(dims, first[0], name)
+
+
 def _check_fits(dims: list, images: np.ndarray, name: str) -> None:
     for axis, size in zip((1, 2, 3), images.shape[1:]):
         if isinstance(dims[axis], int) and dims[axis] not in (0, size):
             raise UserError(
                 f"input '{name}' expects shape {dims} but the data are {list(images.shape[1:])} images; "
-                "pass a model made for 3x32x32 CIFAR-10 images"
+                "pass a model made for these images (CIFAR-10: 3x32x32)"
             )
 
 
@@ -229,6 +237,7 @@ def evaluate(model_path: Path, data_path: Path, options: RunOptions, track: Trac
     kept = read_kept_tiles(loaded.model)  # validated once, before anything expensive
     dataset = data.locate(data_path)
     normalization = normalization_for(loaded.model, options.mean, options.std)
+    _check_data_fits(dataset, options.split, dims, input_name)  # before calibration or any session
     baseline = _baseline_tally(options.baseline)
     reference = _Tally(_ort_session(loaded.model))
     vta = calibration = None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import IMAGES, LABELS, write_binary, write_folders, write_pickle
+from PIL import Image
 
 from gpp_app import data
 from gpp_onnx import UserError
@@ -72,3 +74,31 @@ def test_truncated_binary_is_an_error(tmp_path):
     (folder / "test_batch.bin").write_bytes(b"\0" * 100)
     with pytest.raises(UserError, match="not a CIFAR-10 binary batch"):
         collect(folder)
+
+
+def _pickle_batch(root: Path, content) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump(content, f)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ([1, 2, 3], "holds a list, not a CIFAR-10 batch dictionary"),
+        ({b"data": IMAGES.reshape(25, -1), b"labels": LABELS[:20].tolist()}, "holds 25 images but 20 labels"),
+    ],
+)
+def test_a_pickle_that_does_not_fit_is_a_user_error(tmp_path, content, message):
+    with pytest.raises(UserError, match=message):
+        collect(_pickle_batch(tmp_path, content))
+
+
+def test_images_of_different_sizes_are_a_user_error(tmp_path):
+    root = write_folders(tmp_path)
+    odd = root / "test" / "airplane" / "odd.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(odd)
+    with pytest.raises(UserError, match="odd.png is 16x16 but .* is 32x32; all images must have one size"):
+        collect(root, batch=100)

@@ -186,3 +186,14 @@ def test_compile_and_run_report_the_same_simulated_cycles(capsys, model_path, da
     ran = run_cli(capsys, "run", str(model_path), "--data", str(data_dir), "--calibration-images", "20", "--json")
     assert compiled[0] == ran[0] == 0
     assert json.loads(compiled[1])["cycles"] == json.loads(ran[1])["vta"]["cycles"] > 0
+
+
+def test_data_of_another_size_than_the_model_input_fails_before_calibration(capsys, data_dir, tmp_path):
+    model = tiny_cnn()
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 64  # a 64x64 model, 32x32 data
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_value = 64
+    path = tmp_path / "big.onnx"
+    onnx.save(model, path)
+    code, stdout, stderr = run_cli(capsys, "run", str(path), "--data", str(data_dir))
+    assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert "expects shape" in stderr and "Traceback" not in stdout + stderr
