@@ -10,6 +10,7 @@ checkpoint is written after every epoch; ``resume`` continues from it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import time
 import warnings
@@ -138,6 +139,7 @@ class _Trainer:
     pruner: GradualPruner | None = None
     rounding: Callable[[], None] | None = None  # attaches VTA rounding (for the QAT epochs)
     qat: VtaRounding | None = None
+    fingerprint: str = ""  # sha256 of the model being trained: a checkpoint belongs to exactly one model
 
     def advance_schedule(self) -> None:
         """One scheduler step; in the QAT epochs the rate is scaled by ``QAT_LR_SCALE`` (batch-norm is
@@ -225,9 +227,13 @@ class _Trainer:
             "options": asdict(self.options),
             "frozen": {name: mask.cpu() for name, mask in self.trainable.frozen.items()},
             "qat": self.qat is not None and bool(self.qat.wrapped),
+            "model_sha256": self.fingerprint,
         }
 
     def restore(self, state: dict) -> None:
+        """Continue from a checkpoint of this model and these options (UserError otherwise)."""
+        if state.get("model_sha256") != self.fingerprint:
+            raise UserError("the checkpoint belongs to another model; rerun without --resume (it is replaced)")
         if {**state["options"], "resume": self.options.resume} != asdict(self.options):
             raise UserError("the checkpoint was written with other options; rerun without --resume")
         if state.get("qat"):  # written during the QAT epochs: the module has the rounded structure
@@ -238,6 +244,21 @@ class _Trainer:
         self.history[:] = state["history"]
         frozen = state.get("frozen", self.trainable.frozen)
         self.trainable.frozen = {name: mask.to(self.device) for name, mask in frozen.items()}
+
+
+def _resume(trainer: _Trainer, torch, checkpoint: Path, device: str) -> None:
+    """Restore the trainer from its checkpoint; an unreadable or foreign checkpoint is a UserError."""
+    try:
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        if not isinstance(state, dict):
+            raise ValueError(f"it holds a {type(state).__name__}")
+        trainer.restore(state)
+    except UserError:
+        raise
+    except Exception as exc:  # torch raises many kinds for a truncated or foreign file
+        raise UserError(
+            f"checkpoint {checkpoint} cannot be resumed ({first_line(exc)}); rerun without --resume"
+        ) from None
 
 
 def _record_target(model: onnx.ModelProto, target: float) -> None:
@@ -326,8 +347,9 @@ def train(
         name, _ = image_input(model)
         feeds = list(data.feeds(dataset, name, mean, std, "train", CALIBRATION.batch, CALIBRATION.images))
         trainer.rounding = lambda: trainer.qat.attach(model, feeds, data.describe_feeds(dataset, "train", mean, std))
+    trainer.fingerprint = hashlib.sha256(model.SerializeToString()).hexdigest()
     if options.resume and checkpoint is not None and checkpoint.exists():
-        trainer.restore(torch.load(checkpoint, map_location=device, weights_only=False))
+        _resume(trainer, torch, checkpoint, device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch's notes on onnx2torch's indexing, every step
         for epoch in range(len(trainer.history), options.epochs):

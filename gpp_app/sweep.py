@@ -12,12 +12,14 @@ VTA speedup) are redrawn at the end.
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import io
 import json
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import get_type_hints
@@ -250,12 +252,31 @@ def sweep(
     on_point: Callable[[SweepRow], None] = lambda row: None,
 ) -> SweepResult:
     """Run every missing point; returns the dense reference and all rows."""
-    from gpp_app.plots import plot_sweep
-
     options.check()
     load_model(model_path)
     dataset = data.locate(data_path)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out_dir):
+        return _sweep(model_path, data_path, dataset, out_dir, options, on_point)
+
+
+@contextmanager
+def _exclusive(out_dir: Path) -> Iterator[None]:
+    """Hold ``OUT/.sweep.lock`` for the sweep: a second sweep on the same folder is refused, not run twice."""
+    with open(out_dir / ".sweep.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"another gpp-onnx sweep is writing to {out_dir}; wait for it or choose another -o"
+            ) from None
+        yield
+
+
+def _sweep(model_path: Path, data_path: Path, dataset, out_dir: Path, options: SweepOptions, on_point) -> SweepResult:
+    """The body of :func:`sweep`, run while holding the folder's lock."""
+    from gpp_app.plots import plot_sweep
+
     csv_path = out_dir / "results.csv"
     rows = [r for r in read_rows(csv_path) if not r.error]
     done = {r.key for r in rows}

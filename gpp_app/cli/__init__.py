@@ -3,6 +3,7 @@ registers the commands, which live in one module per concern."""
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import typer
@@ -26,10 +27,21 @@ app.command("sweep")(recovery.sweep_command)
 app.command()(prune.version)
 
 
+INTERRUPTED = 130  # the exit status of a command stopped by SIGINT or SIGTERM
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: every temporary file and folder is removed on the way out
+
+
 def main() -> None:
-    """Entry point: parser errors (bad option values, missing arguments) become one line, exit 2."""
+    """Entry point: parser errors (bad option values, missing arguments) become one line, exit 2;
+    SIGINT and SIGTERM stop the command cleanly (exit 130), leaving no partial output."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         code = app(standalone_mode=False)
+    except KeyboardInterrupt:
+        code = INTERRUPTED
     except Exception as exc:
         if not hasattr(exc, "format_message"):  # not a command-line parsing error
             raise
@@ -38,4 +50,6 @@ def main() -> None:
                 f"error: {exc.format_message()} (see gpp-onnx --help)", markup=False, highlight=False, soft_wrap=True
             )
         sys.exit(getattr(exc, "exit_code", 2))
+    if code == INTERRUPTED:  # Typer returns it for a KeyboardInterrupt
+        stderr.print("error: interrupted; no output was written", markup=False, highlight=False)
     sys.exit(code if isinstance(code, int) else 0)

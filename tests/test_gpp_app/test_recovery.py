@@ -365,3 +365,48 @@ def test_an_interrupted_qat_run_resumes_from_its_checkpoint(
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     tuned = onnx.load(out)
     gpp_onnx.validate_annotation(tuned, gpp_onnx.read_annotation(tuned))
+
+
+def test_resume_refuses_a_checkpoint_of_another_model_or_a_garbage_file(
+    torch, dense_path, pruned_path, data_dir, tmp_path
+):
+    from gpp_app.finetune import FinetuneOptions, checkpoint_path, finetune
+
+    out = tmp_path / "ft.onnx"
+    finetune(dense_path, data_dir, out, FinetuneOptions(epochs=1, batch=8))  # leaves the dense model's checkpoint
+    out.unlink()
+    with pytest.raises(UserError, match="belongs to another model"):
+        finetune(pruned_path, data_dir, out, FinetuneOptions(epochs=1, batch=8, resume=True))
+    checkpoint_path(out).write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot be resumed"):
+        finetune(pruned_path, data_dir, out, FinetuneOptions(epochs=1, batch=8, resume=True))
+    assert not out.exists()
+
+
+def test_a_second_sweep_on_the_same_folder_is_refused(capsys, dense_path, data_dir, tmp_path):
+    import fcntl
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    with open(out / ".sweep.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running sweep holds it
+        code, _, stderr = run_cli(capsys, "sweep", str(dense_path), "--data", str(data_dir), "-o", str(out))
+    assert code == 2 and "another gpp-onnx sweep is writing to" in stderr and stderr.count("\n") == 1
+    assert not (out / "results.csv").exists()
+
+
+def test_sigterm_stops_a_command_cleanly_without_leftovers(data_dir, pruned_path, tmp_path):
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "out" / "ft.onnx"
+    out.parent.mkdir()
+    command = [shutil.which("gpp-onnx"), "finetune", str(pruned_path), "--data", str(data_dir), "-o", str(out)]
+    process = subprocess.Popen(command + ["--epochs", "2000", "--batch", "1"], stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # well into training (or still importing torch: either way it must stop cleanly)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    assert [p.name for p in out.parent.iterdir()] in ([], ["ft.onnx.ckpt"])  # at most a whole checkpoint
