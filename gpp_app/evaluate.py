@@ -281,8 +281,8 @@ def _fill(
     baseline_path: Path | None,
 ) -> EvalResult:
     """Put the tallies' scores into the result (the VTA session's report too, then close it)."""
-    main = vta or reference
-    result.accuracy, result.images_per_second = main.correct / main.images, main.score("").images_per_second
+    main = (vta or reference).score(result.backend)
+    result.accuracy, result.images_per_second = main.accuracy, main.images_per_second
     if vta is not None:
         result.reference = reference.score("ort fp32")
         result.agreement = comparison.agree / comparison.images
