@@ -25,6 +25,7 @@ step's weights are one contiguous LOAD.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -47,8 +48,22 @@ from vta_backend.isa import (
     encode_uops,
 )
 from vta_backend.layout import ceil_div, pack_weights
+from vta_backend.program_check import check_program
 from vta_backend.quant import QuantConv
-from vta_backend.tiling import AccLayout, CompileError, Geometry, Tiling, choose_tiling, geometry, window
+from vta_backend.tiling import (
+    HAZARD_DISTANCE,
+    AccLayout,
+    CompileError,
+    Geometry,
+    ResidualAlignment,
+    Tiling,
+    choose_tiling,
+    geometry,
+    input_half,
+    scratch_rows,
+    sub_block,
+    window,
+)
 
 PAD_LIMIT = 15  # 4-bit LOAD pad fields
 
@@ -111,6 +126,21 @@ class Program:
             groups.append((ots, its, positions, np.ascontiguousarray(weights)))
         return groups
 
+    @property
+    def residual_path(self) -> str | None:
+        """How the fused residual reaches the accumulator: an identity GEMM of the int8 residual from the
+        input buffer, then an immediate or per-channel SHR where the diagonal weights cannot align it alone."""
+        alignment = ResidualAlignment.of(self.conv)
+        if alignment is None:
+            return None
+        if alignment.shift is None:
+            return "identity-gemm+per-channel-shr"
+        return "identity-gemm+shr" if alignment.shift else "identity-gemm"
+
+    def check(self) -> None:
+        """Every field fits, no GEMM hazard, the board's design runs it (CompileError naming the layer otherwise)."""
+        check_program(self.name, self.binary(), self.uops, self.config)
+
     def binary(self) -> bytes:
         """The instruction stream in VTA's 128-bit encoding (CompileError naming the layer when a field overflows)."""
         try:
@@ -146,6 +176,30 @@ class _UopTable:
             return encode_uops(rows[:, 0], rows[:, 1], rows[:, 2], config)
         except FieldOverflow as exc:
             raise CompileError(f"layer {conv.name}: {exc}") from None
+
+
+def hazard_free_order(uops: list[tuple[int, int, int]], scratch: list[int]) -> tuple[list[tuple[int, int, int]], int]:
+    """Reorder a micro-op list (run once, no loop) so no accumulator row is written twice within
+    HAZARD_DISTANCE consecutive executions: always the row with the most micro-ops left among those
+    not written recently, else a micro-op into a ``scratch`` row. Returns the list and the scratch
+    micro-ops added."""
+    pending: dict[int, deque[tuple[int, int, int]]] = {}
+    for uop in uops:
+        pending.setdefault(uop[0], deque()).append(uop)
+    order: list[tuple[int, int, int]] = []
+    padding = 0
+    while pending:
+        recent = {uop[0] for uop in order[1 - HAZARD_DISTANCE :]}
+        ready = [row for row in pending if row not in recent]
+        if ready:
+            row = max(ready, key=lambda r: len(pending[r]))
+            order.append(pending[row].popleft())
+            if not pending[row]:
+                del pending[row]
+        else:
+            order.append((next(r for r in scratch if r not in recent), uops[0][1], uops[0][2]))
+            padding += 1
+    return order, padding
 
 
 def _nonzero_tiles(conv: QuantConv, config: VTAConfig) -> np.ndarray:
@@ -222,13 +276,16 @@ class _ProgramBuilder:
     def __init__(self, conv: QuantConv, g: Geometry, config: VTAConfig, tiling: Tiling, group: int) -> None:
         self.conv, self.g, self.config, self.tiling, self.group = conv, g, config, tiling, group
         self.halves = 2 if tiling.double_buffered else 1
-        self.layout = AccLayout.of(conv, tiling.oc_block, tiling.rows, tiling.cols)
+        self.layout = AccLayout.of(
+            conv, tiling.oc_block, tiling.rows, tiling.cols, scratch_rows(g, tiling.rows, tiling.cols)
+        )
+        self.alignment = ResidualAlignment.of(conv)
         self.channels = slice(group * g.out_channels, (group + 1) * g.out_channels)
         packed = pack_weights(conv.weight[self.channels], config.BLOCK_OUT, config.BLOCK_IN)
         self.issued = issued_tiles(conv, config)[group]
         self.tiles = packed.reshape(g.oc_tiles, g.ic_tiles, g.positions, config.BLOCK_OUT, config.BLOCK_IN)
-        win_rows, win_cols = window(conv, tiling.rows, tiling.cols)
-        self.inp_half, self.wgt_half = win_rows * win_cols, tiling.oc_block * g.positions
+        self.inp_half = input_half(conv, tiling.oc_block, tiling.rows, tiling.cols)
+        self.wgt_half = tiling.oc_block * g.positions
         self.origins = [
             (o0, y0, x0)
             for o0 in range(0, g.oc_tiles, tiling.oc_block)
@@ -238,15 +295,17 @@ class _ProgramBuilder:
         ob = tiling.oc_block
         self.steps_total = sum(
             1 for o0, _, _ in self.origins for it in range(g.ic_tiles) if self.issued[o0 : o0 + ob, it].any()
-        )
+        ) + (len(self.origins) if self.alignment is not None else 0)
         self.uops = _UopTable()
         self.weight_tiles: list[np.ndarray] = []
-        self.weight_offsets: dict[tuple[int, int], int] = {}  # (oc block, ic tile) -> first tile in the image
+        self.weight_offsets: dict[tuple[str, int, int], int] = {}  # (kind, oc block, ic tile) -> first tile
         self.insns: list[Insn] = []  # in program order; each module reads its own instructions in this order
-        self.step = self.gemm_uops = self.dense_uops = 0
+        self.step = self.last_padding = 0
+        self.counts = dict.fromkeys(("gemm_uops", "gemm_uops_dense", "gemm_uops_residual", "gemm_uops_padding"), 0)
 
     def emit_block(self, b: int, origin: tuple[int, int, int]) -> None:
-        """Accumulator set-up, every step (input-channel tile) with an issued tile, requantization, stores."""
+        """Accumulator set-up, the fused residual, every step (input-channel tile) with an issued tile,
+        requantization, stores."""
         o0, y0, x0 = origin
         t, g = self.tiling, self.g
         block = _Block(
@@ -263,70 +322,147 @@ class _ProgramBuilder:
         self._emit_accumulator_setup(block)
         if b >= self.halves:
             self.insns[first].deps.pop_next = True  # wait for the store of block b - halves
+        if self.alignment is not None:
+            self._emit_residual(block, self.alignment)
         for it in range(g.ic_tiles):
             self._emit_step(block, it)
         self._emit_epilogue(block)
 
     def _emit_accumulator_setup(self, block: _Block) -> None:
-        """LOAD ACC of the bias (+ rounding), per-channel shift and alignment vectors, the residual, reset."""
+        """LOAD ACC of the bias (+ rounding), per-channel shift and alignment vectors, then reset."""
         for row, kind in enumerate(self.layout.vectors):
             base = self.layout.vector_base(block.acc_base, kind)
             source = row * self.g.oc_tiles + block.o0
             self.insns.append(MemInsn(Opcode.LOAD, MemType.ACC, base, source, 1, block.obb, block.obb))
-        if self.layout.residual:
-            self.insns += self._residual_load(block)
         begin, end = self.uops.add([(block.acc_base, 0, 0)])
         self.insns.append(GemmInsn(True, begin, end, block.obb * block.rb, block.cb, block.cb, 1, 0, 0))
 
     def _emit_step(self, block: _Block, it: int) -> None:
         """LOAD INP of the window and LOAD WGT of the block's issued tiles of ``it``, then their GEMM."""
-        g, halves = self.g, self.halves
+        g = self.g
         block_issued = self.issued[block.o0 : block.o0 + block.obb, it]
-        self.dense_uops += block.obb * g.positions * block.pixels
+        self.counts["gemm_uops_dense"] += block.obb * g.positions * block.pixels
         if not block_issued.any():
             return
         (sh, sw), (dh, dw) = self.conv.stride, self.conv.dilation
         top, left, _, _ = self.conv.pads
         win_rows, win_cols = window(self.conv, block.rb, block.cb)
-        inp_base, wgt_base = (self.step % halves) * self.inp_half, (self.step % halves) * self.wgt_half
+        inp_base, wgt_base = self._halves()
         load = _input_load(self.conv, g, it, block.y0 * sh - top, block.x0 * sw - left, win_rows, win_cols, inp_base)
-        load.deps.pop_next = self.step >= halves
         tiles = [(o, p) for o in range(block.obb) for p in range(g.positions) if block_issued[o, p]]
-        offset = self._weight_offset(block.o0, it, tiles)
-        weight_load = MemInsn(
-            Opcode.LOAD, MemType.WGT, wgt_base, offset, 1, len(tiles), len(tiles), deps=Deps(push_next=True)
-        )
-        begin, end = self.uops.add(
-            [
-                (
-                    block.acc_base + o * block.pixels,
-                    inp_base + (p // g.kw) * dh * win_cols + (p % g.kw) * dw,
-                    wgt_base + slot,
-                )
-                for slot, (o, p) in enumerate(tiles)
-            ]
-        )
-        deps = Deps(pop_prev=True, push_prev=self.step + halves < self.steps_total)
-        gemm = GemmInsn(False, begin, end, block.rb, block.cb, block.cb, 1, sh * win_cols, sw, deps=deps)
-        self.insns += [load, weight_load, gemm]
-        self.gemm_uops += gemm.count
-        self.step += 1
+        offset = self._weight_offset(("conv", block.o0, it), [self.tiles[block.o0 + o, it, p] for o, p in tiles])
+        taps = [
+            (o, inp_base + (p // g.kw) * dh * win_cols + (p % g.kw) * dw, wgt_base + slot)
+            for slot, (o, p) in enumerate(tiles)
+        ]
+        gemm = self._emit_loads_and_gemm(block, [load], offset, len(tiles), taps, (sh * win_cols, sw))
+        self.counts["gemm_uops"] += gemm.count - self.last_padding
 
-    def _weight_offset(self, o0: int, it: int, tiles: list[tuple[int, int]]) -> int:
-        """First tile of (oc block, ic tile) in the weight image, appending its tiles the first time."""
-        if (o0, it) not in self.weight_offsets:
-            self.weight_offsets[(o0, it)] = len(self.weight_tiles)
-            self.weight_tiles.extend(self.tiles[o0 + o, it, p] for o, p in tiles)
-        return self.weight_offsets[(o0, it)]
+    def _emit_residual(self, block: _Block, alignment: ResidualAlignment) -> None:
+        """The fused Add, as a step: LOAD INP of the int8 residual block (it follows the input in the
+        input buffer), LOAD WGT of diagonal tiles ``2**exponent``, their GEMM into the reset outputs;
+        then the ALU SHR that completes the alignment to the accumulator's scale."""
+        inp_base, _ = self._halves()
+        loads = [
+            MemInsn(
+                Opcode.LOAD,
+                MemType.INP,
+                inp_base + store.sram_base - block.acc_base,
+                self.g.input_vectors + store.dram_base,
+                store.y_size,
+                store.x_size,
+                store.x_stride,
+            )
+            for store in self._stores(block)  # the residual is laid out as the output
+        ]
+        offset = self._weight_offset(("residual", block.o0, 0), self._diagonal_tiles(block, alignment))
+        taps = [(o, inp_base + o * block.pixels, self._halves()[1] + o) for o in range(block.obb)]
+        gemm = self._emit_loads_and_gemm(block, loads, offset, block.obb, taps, (block.cb, 1))
+        self.counts["gemm_uops_residual"] += gemm.count - self.last_padding
+        rb, cb = block.rb, block.cb
+        if alignment.shift is None:
+            self.insns.append(
+                AluInsn(AluOp.SHR, False, 0, *self._per_tile(block, "residual_shift"), rb, cb, cb, 1, 0, 0)
+            )
+        elif alignment.shift:
+            whole = self.uops.add([(block.acc_base, 0, 0)])
+            self.insns.append(AluInsn(AluOp.SHR, True, alignment.shift, *whole, block.obb * rb, cb, cb, 1))
+
+    def _diagonal_tiles(self, block: _Block, alignment: ResidualAlignment) -> list[np.ndarray]:
+        """Per output-channel tile of the block, the diagonal weight tile ``2**exponent`` per channel."""
+        exponents = np.zeros(self.g.oc_tiles * self.config.BLOCK_OUT, np.int64)
+        exponents[: self.g.out_channels] = alignment.exponents[self.channels]
+        real = np.zeros_like(exponents, bool)
+        real[: self.g.out_channels] = True
+        lanes = np.where(real, 1 << exponents, 0).reshape(self.g.oc_tiles, self.config.BLOCK_OUT)
+        return [np.diag(lanes[block.o0 + o]).astype(np.int8) for o in range(block.obb)]
+
+    def _halves(self) -> tuple[int, int]:
+        """Input and weight buffer bases of the current step's half."""
+        half = self.step % self.halves
+        return half * self.inp_half, half * self.wgt_half
+
+    def _emit_loads_and_gemm(
+        self,
+        block: _Block,
+        loads: list[MemInsn],
+        weight_offset: int,
+        tiles: int,
+        taps: list[tuple[int, int, int]],
+        src_strides: tuple[int, int],
+    ) -> GemmInsn:
+        """One step: its input loads and weight load on the load module, then its GEMM, with the tokens
+        that keep the two buffer halves apart."""
+        _, wgt_base = self._halves()
+        loads[0].deps.pop_next = self.step >= self.halves  # wait for the compute module to free the half
+        weight_load = MemInsn(
+            Opcode.LOAD, MemType.WGT, wgt_base, weight_offset, 1, tiles, tiles, deps=Deps(push_next=True)
+        )
+        deps = Deps(pop_prev=True, push_prev=self.step + self.halves < self.steps_total)
+        gemm = self._gemm(block, taps, src_strides, deps)
+        self.insns += [*loads, weight_load, gemm]
+        self.step += 1
+        return gemm
+
+    def _gemm(
+        self, block: _Block, taps: list[tuple[int, int, int]], src_strides: tuple[int, int], deps: Deps
+    ) -> GemmInsn:
+        """A GEMM over the block's pixels whose micro-op list covers a sub-block of pixels per tap
+        (output-channel tile, input base, weight slot), so that no accumulator row is written twice
+        within HAZARD_DISTANCE consecutive executions; blocks too small for that are separated by
+        micro-ops writing scratch rows."""
+        kr, kc = sub_block(block.rb, block.cb)
+        src_row, src_col = src_strides
+        uops = [
+            (block.acc_base + o * block.pixels + r * block.cb + c, src + r * src_row + c * src_col, wgt)
+            for o, src, wgt in taps
+            for r in range(kr)
+            for c in range(kc)
+        ]
+        self.last_padding = 0
+        if kr * kc < HAZARD_DISTANCE:
+            scratch = block.acc_base + self.layout.scratch_offset
+            uops, self.last_padding = hazard_free_order(uops, list(range(scratch, scratch + self.layout.scratch)))
+            self.counts["gemm_uops_padding"] += self.last_padding
+        begin, end = self.uops.add(uops)
+        return GemmInsn(
+            False, begin, end, block.rb // kr, block.cb // kc, kr * block.cb, kc, kr * src_row, kc * src_col, deps=deps
+        )
+
+    def _weight_offset(self, key: tuple[str, int, int], tiles: list[np.ndarray]) -> int:
+        """First tile of ``key`` (kind, oc block, ic tile) in the weight image, appending ``tiles`` the first time."""
+        if key not in self.weight_offsets:
+            self.weight_offsets[key] = len(self.weight_tiles)
+            self.weight_tiles.extend(tiles)
+        return self.weight_offsets[key]
+
+    def _per_tile(self, block: _Block, kind: str) -> tuple[int, int]:
+        """Micro-ops pairing each output-channel tile of the block with its ``kind`` vector."""
+        src = self.layout.vector_base(block.acc_base, kind)
+        return self.uops.add([(block.acc_base + o * block.pixels, src + o, 0) for o in range(block.obb)])
 
     def _emit_epilogue(self, block: _Block) -> None:
-        """The fused Add, the requantization ALU ops, then the stores of the block."""
-        if self.layout.residual:  # outputs += aligned residual
-            residual = self.layout.residual_base(block.acc_base)
-            add = self.uops.add(
-                [(block.acc_base + o * block.pixels, residual + o * block.pixels, 0) for o in range(block.obb)]
-            )
-            self.insns.append(AluInsn(AluOp.ADD, False, 0, *add, block.rb, block.cb, block.cb, 1, block.cb, 1))
+        """The requantization ALU ops, then the stores of the block."""
         self.insns += self._requantize(block)
         self.insns[-1].deps.push_next = True
         stores = self._stores(block)
@@ -335,44 +471,13 @@ class _ProgramBuilder:
         stores[-1].deps.push_prev = block.index + self.halves < blocks or block.index == blocks - 1
         self.insns += stores
 
-    def _residual_load(self, block: _Block) -> list[Insn]:
-        """LOAD ACC_8BIT of the residual block (int8, sign-extended), then SHR to align its scale."""
-        base, residual_shift = self.layout.residual_base(block.acc_base), self.conv.residual_shift
-        insns: list[Insn] = [
-            MemInsn(
-                Opcode.LOAD,
-                MemType.ACC_8BIT,
-                store.sram_base - block.acc_base + base,
-                store.dram_base,
-                store.y_size,
-                store.x_size,
-                store.x_stride,
-            )
-            for store in self._stores(block)  # the same block shape as the output
-        ]
-        if np.ndim(residual_shift) == 1:
-            vectors = self.layout.vector_base(block.acc_base, "residual_shift")
-            align = self.uops.add([(base + o * block.pixels, vectors + o, 0) for o in range(block.obb)])
-            insns.append(AluInsn(AluOp.SHR, False, 0, *align, block.rb, block.cb, block.cb, 1, 0, 0))
-        elif residual_shift:
-            whole = self.uops.add([(base, 0, 0)])
-            shift = -int(residual_shift)  # type: ignore[arg-type]
-            insns.append(AluInsn(AluOp.SHR, True, shift, *whole, block.obb * block.rb, block.cb, block.cb, 1))
-        return insns
-
     def _requantize(self, block: _Block) -> list[AluInsn]:
         """ADD bias+rounding (tensor), SHR (immediate or per-channel tensor), MIN 127, MAX -127 / 0."""
-        acc_base, obb, rb, cb = block.acc_base, block.obb, block.rb, block.cb
-
-        def per_tile(kind: str) -> tuple[int, int]:
-            """Micro-ops pairing each output-channel tile with its ``kind`` vector."""
-            src = self.layout.vector_base(acc_base, kind)
-            return self.uops.add([(acc_base + o * block.pixels, src + o, 0) for o in range(obb)])
-
-        whole = self.uops.add([(acc_base, 0, 0)])
-        insns = [AluInsn(AluOp.ADD, False, 0, *per_tile("bias"), rb, cb, cb, 1, 0, 0)]
+        obb, rb, cb = block.obb, block.rb, block.cb
+        whole = self.uops.add([(block.acc_base, 0, 0)])
+        insns = [AluInsn(AluOp.ADD, False, 0, *self._per_tile(block, "bias"), rb, cb, cb, 1, 0, 0)]
         if np.ndim(self.conv.shift) == 1:
-            insns.append(AluInsn(AluOp.SHR, False, 0, *per_tile("shift"), rb, cb, cb, 1, 0, 0))
+            insns.append(AluInsn(AluOp.SHR, False, 0, *self._per_tile(block, "shift"), rb, cb, cb, 1, 0, 0))
         else:
             insns.append(AluInsn(AluOp.SHR, True, int(self.conv.shift), *whole, obb * rb, cb, cb, 1))  # type: ignore[arg-type]
         insns.append(AluInsn(AluOp.MIN, True, 127, *whole, obb * rb, cb, cb, 1))
@@ -416,16 +521,15 @@ class _ProgramBuilder:
             issued=self.issued,
             tiles=self.tiles,
             group=self.group,
-            stats={
-                "gemm_uops": self.gemm_uops,
-                "gemm_uops_dense": self.dense_uops,
+            stats=self.counts
+            | {
                 "tiles_total": int(self.issued.size),
                 "tiles_kept": int(self.issued.sum()),
                 "blocks": len(self.origins),
                 "steps": self.steps_total,
             },
         )
-        program.binary()  # every field fits (CompileError naming the layer otherwise)
+        program.check()
         return program
 
 

@@ -9,12 +9,20 @@ from pathlib import Path
 from gpp_onnx.errors import UserError
 from gpp_onnx.tiles import DEFAULT_BLOCK
 
-BOARDS: dict[str, tuple[float, int]] = {
-    # board: (clock in MHz, memory bus width in bits)
-    "pynq": (100.0, 64),
-    "de10nano": (100.0, 64),
-    "ultra96": (333.0, 128),
-    "zcu104": (333.0, 128),
+BOARDS: dict[str, tuple[float, int, str]] = {
+    # board: (clock in MHz, memory bus width in bits, the VTA hardware design its bitstream is built from)
+    "pynq": (100.0, 64, "xilinx-hls"),
+    "de10nano": (100.0, 64, "chisel"),
+    "ultra96": (333.0, 128, "xilinx-hls"),
+    "zcu104": (333.0, 128, "xilinx-hls"),
+}
+
+# The memory types each design's LOAD implements. The Xilinx HLS design (hardware/xilinx/src/vta.cc)
+# loads UOP, INP, WGT and ACC and silently skips any other type (ACC_8BIT among them); the
+# functional simulator implements more, so programs are checked against the board's design.
+DESIGN_LOADS: dict[str, frozenset[str]] = {
+    "xilinx-hls": frozenset({"UOP", "INP", "WGT", "ACC"}),
+    "chisel": frozenset({"UOP", "INP", "WGT", "ACC"}),
 }
 
 # vta_config.json keys that describe the build rather than the hardware; accepted and ignored.
@@ -151,3 +159,13 @@ class VTAConfig:
     def bus_bits(self) -> int:
         """The board's memory bus width in bits."""
         return BOARDS[self.BOARD][1]
+
+    @property
+    def design(self) -> str:
+        """The VTA hardware design behind the board."""
+        return BOARDS[self.BOARD][2]
+
+    @property
+    def loadable(self) -> frozenset[str]:
+        """Names of the memory types the board's design can LOAD."""
+        return DESIGN_LOADS[self.design]

@@ -48,7 +48,6 @@ def element_bytes(memory_type: MemType, config: VTAConfig) -> tuple[str, int]:
         MemType.INP: ("inp", config.inp_vector_bytes),
         MemType.WGT: ("wgt", config.wgt_tile_bytes),
         MemType.ACC: ("acc", config.acc_vector_bytes),
-        MemType.ACC_8BIT: ("acc", config.acc_vector_bytes // 4),
         MemType.UOP: ("uop", 4),
         MemType.OUT: ("out", config.BATCH * config.BLOCK_OUT),
     }[memory_type]

@@ -13,6 +13,8 @@ from vta_backend.quant import QuantConv
 from vta_backend.simulator import run_fast, run_isa
 from vta_backend.timing import Timing, simulate_timing
 
+REQUANTIZATION_PASSES = 3  # SHR, MIN and MAX touch every output vector at least once
+
 
 @dataclass
 class LayerStats:
@@ -20,22 +22,25 @@ class LayerStats:
 
     name: str
     timing: Timing
+    gemm_uops_weights: int  # executions that multiply conv weight tiles (timing.gemm_uops also counts the residual's)
     gemm_uops_dense: int
     tiles_total: int
     tiles_kept: int
     dense_cycles: int
     floor_cycles: int  # every weight tile pruned: what pruning can never remove
+    lower_bound: int  # GEMM micro-ops executed + one-cycle SHR, MIN and MAX per output vector: no program does less
+    residual_path: str | None  # how a fused Add reaches the accumulator (None: no fused Add)
     config: VTAConfig
 
     @property
     def gemm_uops_skipped(self) -> int:
-        """GEMM micro-ops the dense program runs and this one does not."""
-        return self.gemm_uops_dense - self.timing.gemm_uops
+        """Weight-tile GEMM micro-ops the dense program runs and this one does not."""
+        return self.gemm_uops_dense - self.gemm_uops_weights
 
     @property
     def macs(self) -> int:
-        """Multiply-accumulates executed (padding lanes included)."""
-        return self.timing.gemm_uops * self.config.BATCH * self.config.BLOCK_IN * self.config.BLOCK_OUT
+        """Multiply-accumulates with conv weights executed (padding lanes included)."""
+        return self.gemm_uops_weights * self.config.BATCH * self.config.BLOCK_IN * self.config.BLOCK_OUT
 
     @property
     def tile_sparsity(self) -> float:
@@ -61,6 +66,7 @@ class LayerStats:
             "cycles": t.cycles,
             "simulated_ms": t.cycles / (self.config.clock_mhz * 1e3),
             "gemm_uops": t.gemm_uops,
+            "gemm_uops_weights": self.gemm_uops_weights,
             "gemm_uops_skipped": self.gemm_uops_skipped,
             "alu_uops": t.alu_uops,
             "macs": self.macs,
@@ -73,6 +79,9 @@ class LayerStats:
             "dense_cycles": self.dense_cycles,
             "speedup": self.speedup,
             "amdahl_bound": self.amdahl_bound,
+            "lower_bound": self.lower_bound,
+            "gap_to_lower_bound": t.cycles / self.lower_bound if self.lower_bound else 1.0,
+            "residual_path": self.residual_path,
         }
 
 
@@ -145,13 +154,18 @@ class VtaConv:
         dense = VtaConv.compile(every_tile, self.in_shape, self.config).timing()
         no_tiles = replace(self.conv, weight=np.zeros_like(self.conv.weight), kept=None)
         floor = VtaConv.compile(no_tiles, self.in_shape, self.config).timing()
+        timing = self.timing()
+        requantization = REQUANTIZATION_PASSES * sum(p.geometry.output_vectors for p in self.programs)
         return LayerStats(
             name=self.conv.name,
-            timing=self.timing(),
+            timing=timing,
+            gemm_uops_weights=sum(p.stats["gemm_uops"] for p in self.programs),
             gemm_uops_dense=sum(p.stats["gemm_uops_dense"] for p in self.programs),
             tiles_total=sum(p.stats["tiles_total"] for p in self.programs),
             tiles_kept=sum(p.stats["tiles_kept"] for p in self.programs),
             dense_cycles=dense.cycles,
             floor_cycles=floor.cycles,
+            lower_bound=timing.gemm_uops + requantization,
+            residual_path=self.programs[0].residual_path,
             config=self.config,
         )

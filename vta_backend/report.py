@@ -32,7 +32,8 @@ class VtaReport:
     clock_mhz: float
     cycles: int
     simulated_ms: float
-    gemm_uops: int
+    gemm_uops: int  # every GEMM micro-op executed (the count VTA's simulator profiles)
+    gemm_uops_weights: int  # those multiplying conv weight tiles: (1 - sparsity) of dense
     gemm_uops_skipped: int
     dense_cycles: int
     speedup: float  # dense cycles / cycles
@@ -53,6 +54,7 @@ class VtaReport:
             cycles=cycles,
             simulated_ms=cycles / (config.clock_mhz * 1e3),
             gemm_uops=sum(s.timing.gemm_uops for s in layers),
+            gemm_uops_weights=sum(s.gemm_uops_weights for s in layers),
             gemm_uops_skipped=sum(s.gemm_uops_skipped for s in layers),
             dense_cycles=dense,
             speedup=dense / cycles if cycles else 1.0,
@@ -76,6 +78,7 @@ class VtaReport:
             "cycles": self.cycles,
             "simulated_ms": self.simulated_ms,
             "gemm_uops": self.gemm_uops,
+            "gemm_uops_weights": self.gemm_uops_weights,
             "gemm_uops_skipped": self.gemm_uops_skipped,
             "dense_cycles": self.dense_cycles,
             "speedup": self.speedup,

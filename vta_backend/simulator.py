@@ -46,14 +46,15 @@ class _Machine:
         self.wgt = np.zeros((c.wgt_depth, c.BLOCK_OUT, c.BLOCK_IN), np.int8)
         self.acc = np.zeros((batch, c.acc_depth, c.BLOCK_OUT), np.int32)
         self.uop = np.zeros(c.uop_depth, np.uint32)
+        inputs = packed_input.reshape(batch, -1, c.BLOCK_IN)
+        if residual is not None:  # int8 [B, OT, OH, OW, BLOCK_OUT], laid out as the output, after the input
+            inputs = np.concatenate([inputs, residual.reshape(batch, -1, c.BLOCK_IN)], axis=1)
         self.dram = {
-            MemType.INP: packed_input.reshape(batch, -1, c.BLOCK_IN),
+            MemType.INP: inputs,
             MemType.WGT: program.weights,
             MemType.ACC: program.acc_image,
             MemType.UOP: program.uops,
         }
-        if residual is not None:  # int8 [B, OT, OH, OW, BLOCK_OUT], laid out as the output
-            self.dram[MemType.ACC_8BIT] = residual.reshape(batch, -1, c.BLOCK_OUT)
         self.out = np.zeros((batch, g.oc_tiles * g.out_height * g.out_width, c.BLOCK_OUT), np.int8)
 
     def load(self, insn: MemInsn) -> None:
@@ -77,9 +78,6 @@ class _Machine:
         elif insn.memory_type == MemType.ACC:
             self.acc[:, region] = 0
             self.acc[:, dst] = dram[src]
-        elif insn.memory_type == MemType.ACC_8BIT:  # int8 vectors, sign-extended into the accumulators
-            self.acc[:, region] = 0
-            self.acc[:, dst] = dram[:, src]
         elif insn.memory_type == MemType.UOP:
             self.uop[region] = 0
             self.uop[dst] = dram[src]

@@ -56,6 +56,16 @@ class Geometry:
         """Kernel positions (KH x KW)."""
         return self.kh * self.kw
 
+    @property
+    def input_vectors(self) -> int:
+        """Vectors of the packed input (NCHW1n16c); a fused residual follows them in the input DRAM buffer."""
+        return self.ic_tiles * self.height * self.width
+
+    @property
+    def output_vectors(self) -> int:
+        """Vectors of the packed output, and of a fused residual (laid out as the output)."""
+        return self.oc_tiles * self.out_height * self.out_width
+
 
 def geometry(conv: QuantConv, in_shape: tuple[int, int, int], config: VTAConfig) -> Geometry:
     """The sizes of one group of ``conv`` for an input of ``in_shape`` = (channels of the group, H, W)."""
@@ -70,43 +80,100 @@ def geometry(conv: QuantConv, in_shape: tuple[int, int, int], config: VTAConfig)
     return Geometry(c, h, w, oc, oh, ow, kh, kw, ceil_div(c, config.BLOCK_IN), ceil_div(oc, config.BLOCK_OUT))
 
 
+RESIDUAL_WEIGHT_EXPONENT = 6  # 2**6 = 64: the largest power of two an int8 weight holds
+HAZARD_DISTANCE = 3  # no accumulator row may be written twice within this many GEMM micro-op executions
+
+
+@dataclass(frozen=True)
+class ResidualAlignment:
+    """How a fused residual reaches the accumulator's scale: the int8 residual goes through a GEMM with a
+    diagonal weight tile of ``2**exponents[c]`` per channel, then an ALU SHR by ``shift`` (immediate),
+    or, where the channels' alignments span more than an int8 weight can hold, by per-channel vectors."""
+
+    exponents: np.ndarray  # per output channel
+    shift: int | None  # SHR immediate after the GEMM (negative: left); None: per-channel tensor SHR
+
+    @classmethod
+    def of(cls, conv: QuantConv) -> "ResidualAlignment | None":
+        """The alignment of ``conv``'s fused residual, None without one."""
+        if conv.residual_shift is None:
+            return None
+        r = conv.residual_shifts()
+        if r.max() - r.min() <= RESIDUAL_WEIGHT_EXPONENT:
+            return cls(r - r.min(), -int(r.min()))
+        return cls(np.zeros_like(r), None)
+
+
 def vector_kinds(conv: QuantConv) -> tuple[str, ...]:
     """The per-output-channel vectors a block loads into the accumulator: the bias (with the rounding
     constant), then the shifts and the residual alignments where they differ per channel."""
     vectors = ("bias",) + (("shift",) if np.ndim(conv.shift) == 1 else ())
-    if conv.residual_shift is not None and np.ndim(conv.residual_shift) == 1:
+    alignment = ResidualAlignment.of(conv)
+    if alignment is not None and alignment.shift is None:
         vectors += ("residual_shift",)
     return vectors
 
 
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def sub_block(rows: int, cols: int) -> tuple[int, int]:
+    """The pixels (``kr`` rows x ``kc`` columns, dividing the block) one GEMM micro-op list covers: the
+    fewest that reach :data:`HAZARD_DISTANCE`, so that consecutive executions write different rows;
+    the whole block when it has fewer pixels."""
+    options = [(kr * kc, -kc, kr, kc) for kr in _divisors(rows) for kc in _divisors(cols) if kr * kc >= HAZARD_DISTANCE]
+    return (rows, cols) if not options else min(options)[2:]
+
+
 @dataclass(frozen=True)
 class AccLayout:
-    """One half of the accumulator buffer: the block's outputs, the fused residual (if any), then
-    one vector per output-channel tile of each kind in ``vectors`` (bias+rounding, per-channel
-    shifts, per-channel residual alignment), in the order of the DRAM accumulator image."""
+    """One half of the accumulator buffer: the block's outputs (a fused residual is added into them
+    directly), one vector per output-channel tile of each kind in ``vectors`` (bias+rounding,
+    per-channel shifts, per-channel residual alignment), in the order of the DRAM accumulator image,
+    then ``scratch`` rows that separate micro-ops writing one row in blocks too small to interleave."""
 
     outputs: int  # oc_block * rows * cols
-    residual: bool
     vectors: tuple[str, ...]
     oc_block: int
+    scratch: int = 0
 
     @classmethod
-    def of(cls, conv: QuantConv, oc_block: int, rows: int, cols: int) -> "AccLayout":
+    def of(cls, conv: QuantConv, oc_block: int, rows: int, cols: int, scratch: int = 0) -> "AccLayout":
         """The layout for blocks of ``oc_block`` x ``rows`` x ``cols``."""
-        return cls(oc_block * rows * cols, conv.residual_shift is not None, vector_kinds(conv), oc_block)
+        return cls(oc_block * rows * cols, vector_kinds(conv), oc_block, scratch)
 
     @property
     def size(self) -> int:
         """Accumulator vectors of one half."""
-        return self.outputs * (2 if self.residual else 1) + self.oc_block * len(self.vectors)
-
-    def residual_base(self, half: int) -> int:
-        """First accumulator vector of the residual in the half starting at ``half``."""
-        return half + self.outputs
+        return self.outputs + self.oc_block * len(self.vectors) + self.scratch
 
     def vector_base(self, half: int, kind: str) -> int:
         """First accumulator vector of the ``kind`` vectors in the half starting at ``half``."""
-        return half + self.outputs * (2 if self.residual else 1) + self.oc_block * self.vectors.index(kind)
+        return half + self.outputs + self.oc_block * self.vectors.index(kind)
+
+    @property
+    def scratch_offset(self) -> int:
+        """Offset of the scratch rows within a half."""
+        return self.outputs + self.oc_block * len(self.vectors)
+
+
+def scratch_rows(g: Geometry, rows: int, cols: int) -> int:
+    """Scratch accumulator rows a tiling needs: HAZARD_DISTANCE - 1 when some block (edges included)
+    has fewer pixels than HAZARD_DISTANCE, else none."""
+    last_rows, last_cols = (
+        g.out_height - (ceil_div(g.out_height, rows) - 1) * rows,
+        g.out_width - (ceil_div(g.out_width, cols) - 1) * cols,
+    )
+    smallest = min(rows, last_rows) * min(cols, last_cols)
+    return HAZARD_DISTANCE - 1 if smallest < HAZARD_DISTANCE else 0
+
+
+def input_half(conv: QuantConv, oc_block: int, rows: int, cols: int) -> int:
+    """Input vectors one step needs: the input window, or a fused residual's block when larger."""
+    win_rows, win_cols = window(conv, rows, cols)
+    residual = oc_block * rows * cols if conv.residual_shift is not None else 0
+    return max(win_rows * win_cols, residual)
 
 
 def window(conv: QuantConv, rows: int, cols: int) -> tuple[int, int]:
@@ -116,11 +183,12 @@ def window(conv: QuantConv, rows: int, cols: int) -> tuple[int, int]:
 
 
 def _fits(conv: QuantConv, g: Geometry, config: VTAConfig, ob: int, rows: int, cols: int, halves: int) -> bool:
-    win_rows, win_cols = window(conv, rows, cols)
+    _, win_cols = window(conv, rows, cols)
+    layout = AccLayout.of(conv, ob, rows, cols, scratch_rows(g, rows, cols))
     return (
-        halves * win_rows * win_cols <= config.inp_depth
+        halves * input_half(conv, ob, rows, cols) <= config.inp_depth
         and halves * ob * g.positions <= config.wgt_depth
-        and halves * AccLayout.of(conv, ob, rows, cols).size <= config.acc_depth
+        and halves * layout.size <= config.acc_depth
         and ob * rows <= ITER_LIMIT
         and win_cols * conv.stride[0] < config.inp_depth
     )
@@ -130,16 +198,19 @@ def _dma(memory_type: MemType, elements: int, config: VTAConfig) -> int:
     return dma_cycles(elements * element_bytes(memory_type, config)[1], config)
 
 
-def _block_overhead(conv: QuantConv, config: VTAConfig, ob: int, outputs: int) -> int:
+def _block_overhead(conv: QuantConv, config: VTAConfig, ob: int, outputs: int, double_buffered: bool) -> int:
     """Per block, besides its steps: accumulator vector loads and reset, requantization ALU ops,
-    the store, and a fused residual's load, alignment and add."""
+    the store, and a fused residual's step (its load and identity GEMM) and alignment."""
     cycles = len(vector_kinds(conv)) * _dma(MemType.ACC, ob, config) + gemm_cycles(outputs)
     cycles += alu_cycles(outputs, tensor_operand=True) + alu_cycles(outputs, tensor_operand=np.ndim(conv.shift) == 1)
     cycles += 2 * alu_cycles(outputs, tensor_operand=False) + _dma(MemType.OUT, outputs, config)  # MIN, MAX; STORE
-    if conv.residual_shift is not None:
-        cycles += _dma(MemType.ACC_8BIT, outputs, config) + alu_cycles(outputs, tensor_operand=True)
-        if np.ndim(conv.residual_shift) == 1 or conv.residual_shift:
-            cycles += alu_cycles(outputs, tensor_operand=np.ndim(conv.residual_shift) == 1)
+    alignment = ResidualAlignment.of(conv)
+    if alignment is not None:
+        load = _dma(MemType.INP, outputs, config) + _dma(MemType.WGT, ob, config)
+        gemm = gemm_cycles(outputs)
+        cycles += max(load, gemm) if double_buffered else load + gemm
+        if alignment.shift != 0:
+            cycles += alu_cycles(outputs, tensor_operand=alignment.shift is None)
     return cycles
 
 
@@ -155,7 +226,7 @@ def estimate_cycles(conv: QuantConv, g: Geometry, config: VTAConfig, tiling: Til
     gemm = gemm_cycles(ob * rows * cols * g.positions)
     step = max(load, gemm) if tiling.double_buffered else load + gemm
     blocks = ceil_div(g.oc_tiles, ob) * ceil_div(g.out_height, rows) * ceil_div(g.out_width, cols)
-    return blocks * (g.ic_tiles * step + _block_overhead(conv, config, ob, ob * rows * cols))
+    return blocks * (g.ic_tiles * step + _block_overhead(conv, config, ob, ob * rows * cols, tiling.double_buffered))
 
 
 def choose_tiling(conv: QuantConv, g: Geometry, config: VTAConfig) -> Tiling:
@@ -173,10 +244,9 @@ def choose_tiling(conv: QuantConv, g: Geometry, config: VTAConfig) -> Tiling:
                         best = (estimate, tiling)
         if best is not None:
             return best[1]
-    win_rows, win_cols = window(conv, 1, 1)
     raise CompileError(
         f"layer {conv.name}: does not fit VTA's buffers even one output pixel and one channel tile at a time "
-        f"(needs {win_rows * win_cols} of {config.inp_depth} input vectors, {g.positions} of {config.wgt_depth} "
-        f"weight tiles, {AccLayout.of(conv, 1, 1, 1).size} of {config.acc_depth} accumulator vectors); "
+        f"(needs {input_half(conv, 1, 1, 1)} of {config.inp_depth} input vectors, {g.positions} of {config.wgt_depth} "
+        f"weight tiles, {AccLayout.of(conv, 1, 1, 1, HAZARD_DISTANCE - 1).size} of {config.acc_depth} accumulator vectors); "
         "use a VTA config with larger buffers"
     )

@@ -84,7 +84,6 @@ def classify(insn: Insn) -> str:
             MemType.INP: "load_inp",
             MemType.WGT: "load_wgt",
             MemType.ACC: "load_acc",
-            MemType.ACC_8BIT: "load_acc",
             MemType.UOP: "load_uop",
         }[insn.memory_type]
     if isinstance(insn, GemmInsn):

@@ -40,7 +40,8 @@ def quantization_options(per_channel: bool | None, activation_shift: int | None 
 def print_vta_report(report, title: str) -> None:
     """Per-layer simulated cycles, the convs that stay on the CPU, and the totals."""
     table = Table(title=title, title_justify="left")
-    for column in ("layer", "cycles", "limited by", "GEMM uops", "skipped", "tiles kept", "speedup", "Amdahl bound"):
+    columns = ("layer", "cycles", "limited by", "GEMM uops", "skipped", "tiles kept", "speedup", "Amdahl", "x bound")
+    for column in columns:
         table.add_column(
             column,
             justify="left" if column in ("layer", "limited by") else "right",
@@ -57,6 +58,7 @@ def print_vta_report(report, title: str) -> None:
             f"{row['tiles_kept']}/{row['tiles_total']}",
             f"{row['speedup']:.2f}x",
             f"{row['amdahl_bound']:.2f}x",
+            f"{row['gap_to_lower_bound']:.2f}",
         )
     stdout.print(table)
     for entry in report.not_on_vta:
@@ -65,7 +67,8 @@ def print_vta_report(report, title: str) -> None:
         f"simulated on VTA ({report.board}, {report.clock_mhz:g} MHz): {report.cycles:,} cycles = "
         f"{report.simulated_ms:.3f} ms per image; speedup over dense {report.speedup:.2f}x, "
         f"Amdahl bound {report.amdahl_bound:.2f}x (bias loads, requantization ALU ops and stores "
-        "do not shrink with pruning)"
+        "do not shrink with pruning); x bound: cycles over the layer's lower bound (GEMM micro-ops + "
+        "one-cycle SHR, MIN, MAX per output vector)"
     )
 
 

@@ -22,6 +22,7 @@ REPORT_KEYS = {
     "cycles",
     "simulated_ms",
     "gemm_uops",
+    "gemm_uops_weights",
     "gemm_uops_skipped",
     "dense_cycles",
     "speedup",
