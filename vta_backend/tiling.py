@@ -244,9 +244,10 @@ def choose_tiling(conv: QuantConv, g: Geometry, config: VTAConfig) -> Tiling:
                         best = (estimate, tiling)
         if best is not None:
             return best[1]
+    smallest = AccLayout.of(conv, 1, 1, 1, HAZARD_DISTANCE - 1).size
     raise CompileError(
         f"layer {conv.name}: does not fit VTA's buffers even one output pixel and one channel tile at a time "
         f"(needs {input_half(conv, 1, 1, 1)} of {config.inp_depth} input vectors, {g.positions} of {config.wgt_depth} "
-        f"weight tiles, {AccLayout.of(conv, 1, 1, 1, HAZARD_DISTANCE - 1).size} of {config.acc_depth} accumulator vectors); "
+        f"weight tiles, {smallest} of {config.acc_depth} accumulator vectors); "
         "use a VTA config with larger buffers"
     )
