@@ -1,5 +1,10 @@
 """Write a compiled model's programs to a folder: per conv (and group) its binaries, plus summary.json.
 
+summary.json (``format`` / ``version``) describes every program well enough to run the files
+without this code: its input, output and residual tensors (shape, dtype, packed layout, which
+DRAM buffer and element offset), each DRAM buffer (memory type, file or what the host fills
+in, size, element size) and the relocation rule (``dram``). ``docs/vta-backend.md`` explains it.
+
 Everything is written into a staging folder beside the output folder first
 (:func:`gpp_onnx.files.staging_folder`), so a failure leaves nothing behind. A new output
 folder is then renamed into place whole; into an existing one the new files are moved,
@@ -17,9 +22,18 @@ from pathlib import Path
 from gpp_onnx.errors import UserError
 from gpp_onnx.files import publish, staging_folder
 from vta_backend.compiler import Program
+from vta_backend.isa import MemType
 from vta_backend.model import CompiledModel
 
 SUMMARY = "summary.json"
+FORMAT, VERSION = "gpp-onnx VTA program bundle", 2
+RELOCATION = (
+    "Each memory type has its own DRAM buffer; a LOAD or STORE's dram_base is an element index into the "
+    "buffer of its memory type, counted from 0 in elements of element_bytes. A host that passes one pointer "
+    "per port (VTA's HLS top function) runs the words as written; a host that places each buffer at a "
+    "physical address (VTA's runtime) adds physical_address / element_bytes to the dram_base of every LOAD "
+    "and STORE of that memory type, so each buffer must start at a multiple of its element_bytes."
+)
 SUFFIXES = (".insn.bin", ".uop.bin", ".wgt.bin", ".acc.bin")
 PROGRAM_FILE = re.compile(r"\d{3}_.*(" + "|".join(re.escape(s) for s in SUFFIXES) + r")")
 
@@ -35,23 +49,73 @@ def _program_files(program: Program, stem: str) -> dict[str, bytes]:
     return {stem + suffix: data for suffix, data in zip(SUFFIXES, images)}
 
 
+def _tensor(channels: int, height: int, width: int, block: int, buffer: str, offset: int) -> dict[str, object]:
+    """An int8 activation as the program reads or writes it: NCHW, packed NCHW1n{block}c in DRAM."""
+    tiles = -(-channels // block)
+    return {
+        "shape": [1, channels, height, width],
+        "dtype": "int8",
+        "layout": f"NCHW1n{block}c",
+        "packed_shape": [1, tiles, height, width, 1, block],
+        "note": f"channels zero-padded to {tiles * block}",
+        "buffer": buffer,
+        "offset": offset,
+        "elements": tiles * height * width,
+    }
+
+
+def _buffer(memory_type: MemType, elements: int, element_bytes: int, file: str | None) -> dict[str, object]:
+    return {
+        "memory_type": memory_type.name,
+        "memory_type_id": int(memory_type),
+        "file": file,
+        "elements": elements,
+        "element_bytes": element_bytes,
+        "bytes": elements * element_bytes,
+    }
+
+
+def program_entry(program: Program, stem: str) -> dict[str, object]:
+    """The self-description of one program in summary.json."""
+    g, c = program.geometry, program.config
+    residual = program.conv.residual_shift is not None
+    inputs = g.input_vectors + (g.output_vectors if residual else 0)
+    first = program.group * g.in_channels, program.group * g.out_channels
+    return {
+        "name": program.name,
+        "layer": program.conv.name,
+        "group": program.group,
+        "channels": {"input": [first[0], first[0] + g.in_channels], "output": [first[1], first[1] + g.out_channels]},
+        "input": _tensor(g.in_channels, g.height, g.width, c.BLOCK_IN, "inp", 0),
+        "residual": _tensor(g.out_channels, g.out_height, g.out_width, c.BLOCK_OUT, "inp", g.input_vectors)
+        if residual
+        else None,
+        "output": _tensor(g.out_channels, g.out_height, g.out_width, c.BLOCK_OUT, "out", 0),
+        "instructions": {"file": stem + SUFFIXES[0], "count": len(program.insns), "element_bytes": 16},
+        "buffers": {
+            "uop": _buffer(MemType.UOP, len(program.uops), 4, stem + SUFFIXES[1]),
+            "wgt": _buffer(MemType.WGT, len(program.weights), c.wgt_tile_bytes, stem + SUFFIXES[2]),
+            "inp": _buffer(MemType.INP, inputs, c.inp_vector_bytes, None),
+            "acc": _buffer(MemType.ACC, len(program.acc_image), c.acc_vector_bytes, stem + SUFFIXES[3]),
+            "out": _buffer(MemType.OUT, g.output_vectors, c.BATCH * c.BLOCK_OUT, None),
+        },
+        "residual_path": program.residual_path,
+        "tiling": vars(program.tiling),
+    }
+
+
 def _write_bundle(compiled: CompiledModel, folder: Path) -> list[str]:
     """Write every file into ``folder``; returns their names, summary.json last."""
-    written, files = [], {}
+    written, programs = [], []
     for i, layer in enumerate(compiled.layers.values()):
         for program in layer.programs:
             stem = file_stem(i, program.name)
             for name, data in _program_files(program, stem).items():
                 (folder / name).write_bytes(data)
                 written.append(name)
-            files[program.name] = {
-                "stem": stem,
-                "instructions": len(program.insns),
-                "uops": len(program.uops),
-                "weight_tiles": len(program.weights),
-                "tiling": vars(program.tiling),
-            }
-    summary = compiled.report().to_dict() | {"files": files, "config": compiled.config.to_dict()}
+            programs.append(program_entry(program, stem))
+    summary = {"format": FORMAT, "version": VERSION} | compiled.report().to_dict()
+    summary |= {"config": compiled.config.to_dict(), "dram": RELOCATION, "programs": programs}
     (folder / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return written + [SUMMARY]
 

@@ -86,13 +86,18 @@ class VTAConfig:
             raise UserError(f"VTA config {path} does not exist; pass an existing JSON file") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UserError(f"VTA config {path} is not readable JSON ({exc})") from None
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_dict(cls, data: object, source: str) -> "VTAConfig":
+        """The configuration a ``vta_config.json`` object describes; ``source`` names it in errors."""
         if not isinstance(data, dict):
-            raise UserError(f"VTA config {path} must hold a JSON object")
+            raise UserError(f"VTA config {source} must hold a JSON object")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known - _IGNORED_KEYS)
         if unknown:
             raise UserError(
-                f"VTA config {path}: unknown key(s) {', '.join(unknown)}; known keys are {', '.join(sorted(known))}"
+                f"VTA config {source}: unknown key(s) {', '.join(unknown)}; known keys are {', '.join(sorted(known))}"
             )
         return cls(**{k: v for k, v in data.items() if k in known})
 

@@ -25,6 +25,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from vta_backend.compiler import Program
+from vta_backend.config import VTAConfig
 from vta_backend.isa import AluInsn, AluOp, GemmInsn, MemInsn, MemType, Opcode, decode_program, decode_uops
 from vta_backend.quant import requantize, shift_right
 
@@ -37,25 +38,15 @@ TileGroup = tuple[list[int], np.ndarray, np.ndarray, np.ndarray]  # an entry of 
 class _Machine:
     """SRAM buffers and DRAM arrays of one program run over a batch."""
 
-    def __init__(self, program: Program, packed_input: np.ndarray, residual: np.ndarray | None) -> None:
-        c = program.config
-        g = program.geometry
-        batch = packed_input.shape[0]
-        self.config = c
+    def __init__(self, config: VTAConfig, dram: dict[MemType, np.ndarray], out_vectors: int) -> None:
+        c = self.config = config
+        batch = dram[MemType.INP].shape[0]
         self.inp = np.zeros((batch, c.inp_depth, c.BLOCK_IN), np.int8)
         self.wgt = np.zeros((c.wgt_depth, c.BLOCK_OUT, c.BLOCK_IN), np.int8)
         self.acc = np.zeros((batch, c.acc_depth, c.BLOCK_OUT), np.int32)
         self.uop = np.zeros(c.uop_depth, np.uint32)
-        inputs = packed_input.reshape(batch, -1, c.BLOCK_IN)
-        if residual is not None:  # int8 [B, OT, OH, OW, BLOCK_OUT], laid out as the output, after the input
-            inputs = np.concatenate([inputs, residual.reshape(batch, -1, c.BLOCK_IN)], axis=1)
-        self.dram = {
-            MemType.INP: inputs,
-            MemType.WGT: program.weights,
-            MemType.ACC: program.acc_image,
-            MemType.UOP: program.uops,
-        }
-        self.out = np.zeros((batch, g.oc_tiles * g.out_height * g.out_width, c.BLOCK_OUT), np.int8)
+        self.dram = dram
+        self.out = np.zeros((batch, out_vectors, c.BLOCK_OUT), np.int8)
 
     def load(self, insn: MemInsn) -> None:
         """LOAD: DRAM region into a buffer, zero padding around it."""
@@ -161,22 +152,40 @@ class _Machine:
         self.acc[:, dst] = result.astype(np.int32)
 
 
-def run_isa(program: Program, packed: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
-    """Interpret the encoded program: int8 ``[B, IT, H, W, BLOCK_IN]`` -> int8 ``[B, OT, OH, OW, BLOCK_OUT]``.
-
-    ``residual`` (int8, laid out as the output) is the second operand of a fused Add.
-    """
-    g = program.geometry
-    _check_residual(program, residual)
-    machine = _Machine(program, packed, residual)
-    for insn in decode_program(program.binary(), program.config):
+def execute(binary: bytes, dram: dict[MemType, np.ndarray], out_vectors: int, config: VTAConfig) -> np.ndarray:
+    """Interpret an encoded program over its DRAM images, one per memory type as the program files hold
+    them (INP int8 ``[B, vectors, BLOCK_IN]`` per image; UOP, WGT and ACC shared): int8 ``[B, out_vectors, BLOCK_OUT]``."""
+    machine = _Machine(config, dram, out_vectors)
+    for insn in decode_program(binary, config):
         if isinstance(insn, MemInsn):
             machine.load(insn) if insn.opcode == Opcode.LOAD else machine.store(insn)
         elif isinstance(insn, GemmInsn):
             machine.gemm(insn)
         elif isinstance(insn, AluInsn):
             machine.alu(insn)
-    return machine.out.reshape(packed.shape[0], g.oc_tiles, g.out_height, g.out_width, program.config.BLOCK_OUT)
+    return machine.out
+
+
+def run_isa(program: Program, packed: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+    """Interpret the encoded program: int8 ``[B, IT, H, W, BLOCK_IN]`` -> int8 ``[B, OT, OH, OW, BLOCK_OUT]``.
+
+    ``residual`` (int8, laid out as the output) is the second operand of a fused Add; it follows
+    the input in the input DRAM buffer.
+    """
+    g, c = program.geometry, program.config
+    _check_residual(program, residual)
+    batch = packed.shape[0]
+    inputs = packed.reshape(batch, -1, c.BLOCK_IN)
+    if residual is not None:
+        inputs = np.concatenate([inputs, residual.reshape(batch, -1, c.BLOCK_IN)], axis=1)
+    dram = {
+        MemType.INP: inputs,
+        MemType.WGT: program.weights,
+        MemType.ACC: program.acc_image,
+        MemType.UOP: program.uops,
+    }
+    out = execute(program.binary(), dram, g.output_vectors, c)
+    return out.reshape(batch, g.oc_tiles, g.out_height, g.out_width, c.BLOCK_OUT)
 
 
 @lru_cache(maxsize=1)

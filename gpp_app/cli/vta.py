@@ -202,3 +202,36 @@ def run(
     failed = max_drop is not None and drop is not None and drop > max_drop
     message = f"accuracy is {drop:.2f} points below the reference, more than --max-drop {max_drop}" if failed else None
     return Output(result.to_dict(), lambda: print_run(result), 1 if failed else 0, message)
+
+
+def _read_raw(path: Path | None, what: str) -> bytes | None:
+    """The bytes of a raw input file (None when not given)."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise UserError(f"{what} file {path} does not exist or is not a file; pass a raw packed int8 file")
+    return path.read_bytes()
+
+
+@command
+def run_program(
+    bundle: Annotated[Path, typer.Argument(help="Folder written by gpp-onnx compile.", metavar="FOLDER")],
+    program: Annotated[str, typer.Option("--program", "-p", help="Program name, as summary.json lists it.")],
+    input_file: Annotated[Path, typer.Option("--input", "-i", help="Raw packed int8 input (summary.json: input).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the raw OUT buffer.")],
+    residual: Annotated[
+        Optional[Path], typer.Option("--residual", "-r", help="Raw packed int8 residual of a fused Add.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> Output:
+    """Run one compiled program on raw input files with our VTA simulator; write the raw output buffer."""
+    from gpp_onnx.files import write_bytes
+    from vta_backend.bundle_run import open_program
+    from vta_backend.bundle_run import run_program as run_one
+
+    loaded = open_program(bundle, program)
+    check_output_path(output, [p for p in (input_file, residual) if p is not None])
+    out = run_one(loaded, _read_raw(input_file, "input"), _read_raw(residual, "residual"))
+    write_bytes(output, out)
+    summary = {"program": program, "output": str(output), "bytes": len(out), "simulated": True}
+    return Output(summary, lambda: stdout.print(f"{program}: wrote {len(out):,} bytes (raw OUT buffer) to {output}"))

@@ -47,8 +47,8 @@ def test_compile_writes_binaries_and_reports_json(capsys, pruned_path, tmp_path)
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["cycles"] == summary["cycles"]
     program = decode_program((out / "000_conv0.insn.bin").read_bytes(), VTAConfig())
-    assert len(program) == on_disk["files"]["conv0"]["instructions"]
-    assert (out / "000_conv0.uop.bin").stat().st_size == 4 * on_disk["files"]["conv0"]["uops"]
+    assert len(program) == on_disk["programs"][0]["instructions"]["count"]
+    assert (out / "000_conv0.uop.bin").stat().st_size == on_disk["programs"][0]["buffers"]["uop"]["bytes"]
 
 
 def test_compile_table_labels_figures_simulated(capsys, pruned_path, tmp_path):

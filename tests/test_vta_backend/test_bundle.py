@@ -42,8 +42,15 @@ def test_new_folder_holds_the_programs_and_the_summary(compiled, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(names) and names[-1] == "summary.json"
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask()
     summary = json.loads((out / "summary.json").read_text())
-    assert set(compiled.report().to_dict()) | {"files", "config"} == set(summary)
-    assert summary["files"]["conv1"]["stem"] == "001_conv1" and summary["config"]["BOARD"] == "pynq"
+    assert set(compiled.report().to_dict()) | {"format", "version", "programs", "config", "dram"} == set(summary)
+    assert summary["version"] == 2 and summary["config"]["BOARD"] == "pynq"
+    conv1 = summary["programs"][1]
+    assert conv1["name"] == "conv1" and conv1["instructions"]["file"] == "001_conv1.insn.bin"
+    assert conv1["input"]["shape"] == [1, 32, 8, 8] and conv1["input"]["packed_shape"] == [1, 2, 8, 8, 1, 16]
+    assert conv1["output"]["elements"] == conv1["buffers"]["out"]["elements"] == 8 * 8 and conv1["residual"] is None
+    for buffer in conv1["buffers"].values():  # every file summary.json names has the size it gives
+        if buffer["file"] is not None:
+            assert (out / buffer["file"]).stat().st_size == buffer["bytes"]
     program = compiled.layers["conv0"].programs[0]
     assert decode_program((out / "000_conv0.insn.bin").read_bytes(), CONFIG) == program.insns
     assert [p for p in tmp_path.iterdir() if p.name != "vta"] == []  # no staging folder left

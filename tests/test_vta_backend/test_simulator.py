@@ -87,7 +87,7 @@ def conv_cases(draw):
     bias = rng.integers(-5000, 5000, groups * ocg).astype(np.int32) if draw(st.booleans()) else None
     residual_shift = None
     if draw(st.booleans()):
-        residual_shift = rng.integers(-2, 6, groups * ocg) if per_channel else int(rng.integers(-2, 6))
+        residual_shift = rng.integers(-2, 10, groups * ocg) if per_channel else int(rng.integers(-2, 10))
     conv = QuantConv(
         "conv",
         weight,
