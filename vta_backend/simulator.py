@@ -154,7 +154,10 @@ class _Machine:
 
 def execute(binary: bytes, dram: dict[MemType, np.ndarray], out_vectors: int, config: VTAConfig) -> np.ndarray:
     """Interpret an encoded program over its DRAM images, one per memory type as the program files hold
-    them (INP int8 ``[B, vectors, BLOCK_IN]`` per image; UOP, WGT and ACC shared): int8 ``[B, out_vectors, BLOCK_OUT]``."""
+    them (INP int8 ``[B, vectors, BLOCK_IN]`` per image; UOP, WGT and ACC shared).
+
+    Returns the OUT buffer, int8 ``[B, out_vectors, BLOCK_OUT]``.
+    """
     machine = _Machine(config, dram, out_vectors)
     for insn in decode_program(binary, config):
         if isinstance(insn, MemInsn):
