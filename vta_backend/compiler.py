@@ -60,7 +60,6 @@ from vta_backend.tiling import (
     choose_tiling,
     geometry,
     input_half,
-    scratch_rows,
     sub_block,
     window,
 )
@@ -235,7 +234,8 @@ def compile_conv(conv: QuantConv, in_shape: tuple[int, int, int], config: VTACon
     g = geometry(conv, in_shape, config)
     if max(conv.pads) > PAD_LIMIT:
         raise CompileError(f"layer {conv.name}: padding {max(conv.pads)} exceeds the LOAD pad field limit {PAD_LIMIT}")
-    tiling = choose_tiling(conv, g, config)
+    density = float(issued_tiles(conv, config)[group].mean()) if conv.weight.size else 1.0
+    tiling = choose_tiling(conv, g, config, density)
     builder = _ProgramBuilder(conv, g, config, tiling, group)
     for b, origin in enumerate(builder.origins):
         builder.emit_block(b, origin)
@@ -276,9 +276,7 @@ class _ProgramBuilder:
     def __init__(self, conv: QuantConv, g: Geometry, config: VTAConfig, tiling: Tiling, group: int) -> None:
         self.conv, self.g, self.config, self.tiling, self.group = conv, g, config, tiling, group
         self.halves = 2 if tiling.double_buffered else 1
-        self.layout = AccLayout.of(
-            conv, tiling.oc_block, tiling.rows, tiling.cols, scratch_rows(g, tiling.rows, tiling.cols)
-        )
+        self.layout = AccLayout.of(conv, g, tiling)
         self.alignment = ResidualAlignment.of(conv)
         self.channels = slice(group * g.out_channels, (group + 1) * g.out_channels)
         packed = pack_weights(conv.weight[self.channels], config.BLOCK_OUT, config.BLOCK_IN)
@@ -330,10 +328,11 @@ class _ProgramBuilder:
 
     def _emit_accumulator_setup(self, block: _Block) -> None:
         """LOAD ACC of the bias (+ rounding), per-channel shift and alignment vectors, then reset."""
-        for row, kind in enumerate(self.layout.vectors):
-            base = self.layout.vector_base(block.acc_base, kind)
-            source = row * self.g.oc_tiles + block.o0
-            self.insns.append(MemInsn(Opcode.LOAD, MemType.ACC, base, source, 1, block.obb, block.obb))
+        if not self.layout.resident_tiles:
+            for row, kind in enumerate(self.layout.vectors):
+                base = self.layout.vector_base(block.acc_base, kind, block.o0)
+                source = row * self.g.oc_tiles + block.o0
+                self.insns.append(MemInsn(Opcode.LOAD, MemType.ACC, base, source, 1, block.obb, block.obb))
         begin, end = self.uops.add([(block.acc_base, 0, 0)])
         self.insns.append(GemmInsn(True, begin, end, block.obb * block.rb, block.cb, block.cb, 1, 0, 0))
 
@@ -458,7 +457,7 @@ class _ProgramBuilder:
 
     def _per_tile(self, block: _Block, kind: str) -> tuple[int, int]:
         """Micro-ops pairing each output-channel tile of the block with its ``kind`` vector."""
-        src = self.layout.vector_base(block.acc_base, kind)
+        src = self.layout.vector_base(block.acc_base, kind, block.o0)
         return self.uops.add([(block.acc_base + o * block.pixels, src + o, 0) for o in range(block.obb)])
 
     def _emit_epilogue(self, block: _Block) -> None:
@@ -507,6 +506,10 @@ class _ProgramBuilder:
         conv, g, config = self.conv, self.g, self.config
         words = self.uops.encoded(conv, config)
         insns: list[Insn] = [MemInsn(Opcode.LOAD, MemType.UOP, 0, 0, 1, len(words), len(words))]
+        if self.layout.resident_tiles:  # every tile's bias / shift vectors, once
+            vectors = len(self.layout.vectors) * g.oc_tiles
+            base = self.layout.vector_base(0, self.layout.vectors[0], 0)
+            insns.append(MemInsn(Opcode.LOAD, MemType.ACC, base, 0, 1, vectors, vectors))
         insns += self.insns + [FinishInsn(Deps(pop_next=True))]
         program = Program(
             name=conv.name if conv.groups == 1 else f"{conv.name}[group {self.group}]",

@@ -34,6 +34,7 @@ class Tiling:
     rows: int  # output rows per block
     cols: int  # output columns per block
     double_buffered: bool
+    resident_vectors: bool = False  # bias / shift vectors loaded once per program, not per block
 
 
 @dataclass
@@ -128,34 +129,55 @@ def sub_block(rows: int, cols: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class AccLayout:
-    """One half of the accumulator buffer: the block's outputs (a fused residual is added into them
-    directly), one vector per output-channel tile of each kind in ``vectors`` (bias+rounding,
-    per-channel shifts, per-channel residual alignment), in the order of the DRAM accumulator image,
-    then ``scratch`` rows that separate micro-ops writing one row in blocks too small to interleave."""
+    """The accumulator buffer: per half (two with double buffering) the block's outputs (a fused
+    residual is added into them directly), then - unless resident - one vector per output-channel
+    tile of each kind in ``vectors`` (bias+rounding, per-channel shifts, per-channel residual
+    alignment), then ``scratch`` rows that separate micro-ops writing one row in blocks too small
+    to interleave. Resident vectors (every output-channel tile's, loaded once) follow the halves,
+    in the order of the DRAM accumulator image."""
 
     outputs: int  # oc_block * rows * cols
     vectors: tuple[str, ...]
     oc_block: int
+    halves: int
     scratch: int = 0
+    resident_tiles: int = 0  # output-channel tiles whose vectors stay resident (0: loaded per block)
 
     @classmethod
-    def of(cls, conv: QuantConv, oc_block: int, rows: int, cols: int, scratch: int = 0) -> "AccLayout":
-        """The layout for blocks of ``oc_block`` x ``rows`` x ``cols``."""
-        return cls(oc_block * rows * cols, vector_kinds(conv), oc_block, scratch)
+    def of(cls, conv: QuantConv, g: Geometry, tiling: Tiling) -> "AccLayout":
+        """The layout of ``tiling``'s blocks."""
+        t = tiling
+        return cls(
+            t.oc_block * t.rows * t.cols,
+            vector_kinds(conv),
+            t.oc_block,
+            2 if t.double_buffered else 1,
+            scratch_rows(g, t.rows, t.cols),
+            g.oc_tiles if t.resident_vectors else 0,
+        )
 
     @property
     def size(self) -> int:
         """Accumulator vectors of one half."""
-        return self.outputs + self.oc_block * len(self.vectors) + self.scratch
+        return self.scratch_offset + self.scratch
 
-    def vector_base(self, half: int, kind: str) -> int:
-        """First accumulator vector of the ``kind`` vectors in the half starting at ``half``."""
-        return half + self.outputs + self.oc_block * self.vectors.index(kind)
+    @property
+    def total(self) -> int:
+        """Accumulator vectors of the whole layout."""
+        return self.halves * self.size + len(self.vectors) * self.resident_tiles
 
     @property
     def scratch_offset(self) -> int:
         """Offset of the scratch rows within a half."""
-        return self.outputs + self.oc_block * len(self.vectors)
+        return self.outputs + (0 if self.resident_tiles else self.oc_block * len(self.vectors))
+
+    def vector_base(self, half: int, kind: str, o0: int) -> int:
+        """Accumulator index of the ``kind`` vector of output-channel tile ``o0`` (the block's first) for
+        the block in the half starting at ``half``; the block's next tiles' vectors follow it."""
+        index = self.vectors.index(kind)
+        if self.resident_tiles:
+            return self.halves * self.size + index * self.resident_tiles + o0
+        return half + self.outputs + self.oc_block * index
 
 
 def scratch_rows(g: Geometry, rows: int, cols: int) -> int:
@@ -182,13 +204,14 @@ def window(conv: QuantConv, rows: int, cols: int) -> tuple[int, int]:
     return (rows - 1) * sh + (kh - 1) * dh + 1, (cols - 1) * sw + (kw - 1) * dw + 1
 
 
-def _fits(conv: QuantConv, g: Geometry, config: VTAConfig, ob: int, rows: int, cols: int, halves: int) -> bool:
+def _fits(conv: QuantConv, g: Geometry, config: VTAConfig, tiling: Tiling) -> bool:
+    ob, rows, cols = tiling.oc_block, tiling.rows, tiling.cols
+    halves = 2 if tiling.double_buffered else 1
     _, win_cols = window(conv, rows, cols)
-    layout = AccLayout.of(conv, ob, rows, cols, scratch_rows(g, rows, cols))
     return (
         halves * input_half(conv, ob, rows, cols) <= config.inp_depth
         and halves * ob * g.positions <= config.wgt_depth
-        and halves * layout.size <= config.acc_depth
+        and AccLayout.of(conv, g, tiling).total <= config.acc_depth
         and ob * rows <= ITER_LIMIT
         and win_cols * conv.stride[0] < config.inp_depth
     )
@@ -198,53 +221,86 @@ def _dma(memory_type: MemType, elements: int, config: VTAConfig) -> int:
     return dma_cycles(elements * element_bytes(memory_type, config)[1], config)
 
 
-def _block_overhead(conv: QuantConv, config: VTAConfig, ob: int, outputs: int, double_buffered: bool) -> int:
-    """Per block, besides its steps: accumulator vector loads and reset, requantization ALU ops,
-    the store, and a fused residual's step (its load and identity GEMM) and alignment."""
-    cycles = len(vector_kinds(conv)) * _dma(MemType.ACC, ob, config) + gemm_cycles(outputs)
-    cycles += alu_cycles(outputs, tensor_operand=True) + alu_cycles(outputs, tensor_operand=np.ndim(conv.shift) == 1)
-    cycles += 2 * alu_cycles(outputs, tensor_operand=False) + _dma(MemType.OUT, outputs, config)  # MIN, MAX; STORE
+def _requantization(conv: QuantConv, outputs: int) -> int:
+    """ALU cycles of a block's requantization: ADD bias (tensor), SHR (tensor when per channel), MIN, MAX."""
+    per_channel = np.ndim(conv.shift) == 1
+    return (
+        alu_cycles(outputs, tensor_operand=True)
+        + alu_cycles(outputs, tensor_operand=per_channel)
+        + 2 * alu_cycles(outputs, tensor_operand=False)
+    )
+
+
+def _block_work(
+    conv: QuantConv, g: Geometry, config: VTAConfig, block: tuple[int, int, int], density: float, resident: bool
+) -> tuple[int, int, int, int]:
+    """Busy cycles of one block of ``(oc tiles, rows, cols)`` per module (load, compute, store),
+    and its first step's loads."""
+    ob, rows, cols = block
+    outputs = ob * rows * cols
+    win_rows, win_cols = window(conv, rows, cols)
+    step_load = _dma(MemType.INP, win_rows * win_cols, config)
+    step_load += _dma(MemType.WGT, max(1, round(ob * g.positions * density)), config)
+    load = g.ic_tiles * step_load
+    compute = g.ic_tiles * gemm_cycles(round(outputs * g.positions * density))
+    compute += gemm_cycles(outputs) + (0 if resident else len(vector_kinds(conv)) * _dma(MemType.ACC, ob, config))
+    compute += _requantization(conv, outputs)
     alignment = ResidualAlignment.of(conv)
     if alignment is not None:
-        load = _dma(MemType.INP, outputs, config) + _dma(MemType.WGT, ob, config)
-        gemm = gemm_cycles(outputs)
-        cycles += max(load, gemm) if double_buffered else load + gemm
+        load += _dma(MemType.INP, outputs, config) + _dma(MemType.WGT, ob, config)
+        compute += gemm_cycles(outputs)
         if alignment.shift != 0:
-            cycles += alu_cycles(outputs, tensor_operand=alignment.shift is None)
-    return cycles
+            compute += alu_cycles(outputs, tensor_operand=alignment.shift is None)
+    return load, compute, _dma(MemType.OUT, outputs, config), step_load
 
 
-def estimate_cycles(conv: QuantConv, g: Geometry, config: VTAConfig, tiling: Tiling) -> int:
-    """Estimated cycles of the dense program with this tiling: blocks x (input-channel steps + block overhead).
+def _splits(total: int, size: int) -> list[tuple[int, int]]:
+    """(size, count) of the pieces ``total`` is cut into: whole pieces, then the remainder."""
+    whole, rest = divmod(total, size)
+    return [(size, whole)] + ([(rest, 1)] if rest else [])
 
-    A step loads the input window and the block's weight tiles and runs one GEMM; double
-    buffering overlaps the loads with the GEMM.
+
+def estimate_cycles(conv: QuantConv, g: Geometry, config: VTAConfig, tiling: Tiling, density: float = 1.0) -> int:
+    """Estimated cycles of a program with this tiling whose blocks issue ``density`` of their weight tiles.
+
+    Double-buffered, the load, compute and store modules overlap: every block costs its busiest
+    module's work, plus the first step's loads before any GEMM and the last (edge) block's store
+    after the compute module is done. Single-buffered, the modules take turns.
     """
-    ob, rows, cols = tiling.oc_block, tiling.rows, tiling.cols
-    win_rows, win_cols = window(conv, rows, cols)
-    load = _dma(MemType.INP, win_rows * win_cols, config) + _dma(MemType.WGT, ob * g.positions, config)
-    gemm = gemm_cycles(ob * rows * cols * g.positions)
-    step = max(load, gemm) if tiling.double_buffered else load + gemm
-    blocks = ceil_div(g.oc_tiles, ob) * ceil_div(g.out_height, rows) * ceil_div(g.out_width, cols)
-    return blocks * (g.ic_tiles * step + _block_overhead(conv, config, ob, ob * rows * cols, tiling.double_buffered))
+    total = first = 0
+    last = (0, 0, 0)
+    for ob, n_o in _splits(g.oc_tiles, tiling.oc_block):
+        for rows, n_r in _splits(g.out_height, tiling.rows):
+            for cols, n_c in _splits(g.out_width, tiling.cols):
+                block = (ob, rows, cols)
+                load, compute, store, step_load = _block_work(conv, g, config, block, density, tiling.resident_vectors)
+                cost = max(load, compute, store) if tiling.double_buffered else load + compute + store
+                total += n_o * n_r * n_c * cost
+                first, last = first or step_load, (ob, rows, cols)
+    if not tiling.double_buffered:
+        return total
+    ob, rows, cols = last
+    resident = len(vector_kinds(conv)) * _dma(MemType.ACC, g.oc_tiles, config) if tiling.resident_vectors else 0
+    return resident + first + total + _dma(MemType.OUT, ob * rows * cols, config)
 
 
-def choose_tiling(conv: QuantConv, g: Geometry, config: VTAConfig) -> Tiling:
-    """The feasible tiling with the lowest estimated cycle count (double buffering preferred)."""
+def choose_tiling(conv: QuantConv, g: Geometry, config: VTAConfig, density: float = 1.0) -> Tiling:
+    """The feasible tiling with the lowest estimated cycle count for blocks that issue ``density`` of
+    their weight tiles (double buffering preferred, then vectors resident)."""
     col_options = sorted({ceil_div(g.out_width, k) for k in range(1, g.out_width + 1)}, reverse=True)
-    for halves in (2, 1):
+    for double, resident in ((True, True), (True, False), (False, True), (False, False)):
         best: tuple[int, Tiling] | None = None
         for ob in range(g.oc_tiles, 0, -1):
             for cols in col_options:
-                rows = next((r for r in range(g.out_height, 0, -1) if _fits(conv, g, config, ob, r, cols, halves)), 0)
-                if rows:  # fewer rows only costs more for this (ob, cols)
-                    tiling = Tiling(ob, rows, cols, halves == 2)
-                    estimate = estimate_cycles(conv, g, config, tiling)
+                fitting = (Tiling(ob, r, cols, double, resident) for r in range(g.out_height, 0, -1))
+                tiling = next((t for t in fitting if _fits(conv, g, config, t)), None)
+                if tiling is not None:  # fewer rows only costs more for this (ob, cols)
+                    estimate = estimate_cycles(conv, g, config, tiling, density)
                     if best is None or estimate < best[0]:
                         best = (estimate, tiling)
         if best is not None:
             return best[1]
-    smallest = AccLayout.of(conv, 1, 1, 1, HAZARD_DISTANCE - 1).size
+    smallest = AccLayout.of(conv, g, Tiling(1, 1, 1, False)).total
     raise CompileError(
         f"layer {conv.name}: does not fit VTA's buffers even one output pixel and one channel tile at a time "
         f"(needs {input_half(conv, 1, 1, 1)} of {config.inp_depth} input vectors, {g.positions} of {config.wgt_depth} "
