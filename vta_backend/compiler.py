@@ -60,6 +60,7 @@ from vta_backend.tiling import (
     choose_tiling,
     geometry,
     input_half,
+    requantization_shifts,
     sub_block,
     window,
 )
@@ -127,14 +128,15 @@ class Program:
 
     @property
     def residual_path(self) -> str | None:
-        """How the fused residual reaches the accumulator: an identity GEMM of the int8 residual from the
-        input buffer, then an immediate or per-channel SHR where the diagonal weights cannot align it alone."""
+        """How the fused residual joins: an identity GEMM of the int8 residual from the input buffer,
+        after or before the requantization shift, with the SHR its alignment needs (None: no residual)."""
         alignment = ResidualAlignment.of(self.conv)
         if alignment is None:
             return None
+        path = "gemm-after-shift" if alignment.after_requantization else "gemm-before-shift"
         if alignment.shift is None:
-            return "identity-gemm+per-channel-shr"
-        return "identity-gemm+shr" if alignment.shift else "identity-gemm"
+            return path + "+per-channel-shr"
+        return path + ("+shr" if alignment.shift else "")
 
     def check(self) -> None:
         """Every field fits, no GEMM hazard, the board's design runs it (CompileError naming the layer otherwise)."""
@@ -244,7 +246,11 @@ def compile_conv(conv: QuantConv, in_shape: tuple[int, int, int], config: VTACon
 
 def _acc_image(conv: QuantConv, g: Geometry, config: VTAConfig, layout: AccLayout, channels: slice) -> np.ndarray:
     """int32 [vectors, BLOCK_OUT]: per vector kind of the layout, one vector per output-channel tile."""
-    per_kind = {"bias": conv.bias_with_rounding(), "shift": conv.shifts(), "residual_shift": -conv.residual_shifts()}
+    per_kind = {
+        "bias": conv.bias_with_rounding(),
+        "shift": requantization_shifts(conv),
+        "residual_shift": -conv.residual_shifts(),
+    }
     image = np.zeros((len(layout.vectors), g.oc_tiles, config.BLOCK_OUT), np.int32)
     for row, kind in enumerate(layout.vectors):  # SHR by a negative amount shifts the residual left
         image[row].reshape(-1)[: g.out_channels] = per_kind[kind][channels]
@@ -320,7 +326,7 @@ class _ProgramBuilder:
         self._emit_accumulator_setup(block)
         if b >= self.halves:
             self.insns[first].deps.pop_next = True  # wait for the store of block b - halves
-        if self.alignment is not None:
+        if self.alignment is not None and not self.alignment.after_requantization:
             self._emit_residual(block, self.alignment)
         for it in range(g.ic_tiles):
             self._emit_step(block, it)
@@ -359,8 +365,8 @@ class _ProgramBuilder:
 
     def _emit_residual(self, block: _Block, alignment: ResidualAlignment) -> None:
         """The fused Add, as a step: LOAD INP of the int8 residual block (it follows the input in the
-        input buffer), LOAD WGT of diagonal tiles ``2**exponent``, their GEMM into the reset outputs;
-        then the ALU SHR that completes the alignment to the accumulator's scale."""
+        input buffer), LOAD WGT of diagonal tiles ``2**exponent``, their GEMM into the outputs; then
+        the ALU SHR the alignment needs (see :class:`~vta_backend.tiling.ResidualAlignment`)."""
         inp_base, _ = self._halves()
         loads = [
             MemInsn(
@@ -461,27 +467,26 @@ class _ProgramBuilder:
         return self.uops.add([(block.acc_base + o * block.pixels, src + o, 0) for o in range(block.obb)])
 
     def _emit_epilogue(self, block: _Block) -> None:
-        """The requantization ALU ops, then the stores of the block."""
-        self.insns += self._requantize(block)
-        self.insns[-1].deps.push_next = True
+        """The requantization (ADD bias+rounding, SHR), a residual that joins after it, the clip
+        (MIN 127, MAX -127 / 0), then the stores of the block."""
+        obb, rb, cb = block.obb, block.rb, block.cb
+        whole = self.uops.add([(block.acc_base, 0, 0)])
+        self.insns.append(AluInsn(AluOp.ADD, False, 0, *self._per_tile(block, "bias"), rb, cb, cb, 1, 0, 0))
+        if "shift" in self.layout.vectors:
+            self.insns.append(AluInsn(AluOp.SHR, False, 0, *self._per_tile(block, "shift"), rb, cb, cb, 1, 0, 0))
+        else:
+            shift = int(requantization_shifts(self.conv)[0])
+            self.insns.append(AluInsn(AluOp.SHR, True, shift, *whole, obb * rb, cb, cb, 1))
+        if self.alignment is not None and self.alignment.after_requantization:
+            self._emit_residual(block, self.alignment)
+        self.insns.append(AluInsn(AluOp.MIN, True, 127, *whole, obb * rb, cb, cb, 1))
+        low = 0 if self.conv.relu else -127
+        self.insns.append(AluInsn(AluOp.MAX, True, low, *whole, obb * rb, cb, cb, 1, deps=Deps(push_next=True)))
         stores = self._stores(block)
         stores[0].deps.pop_prev = True
         blocks = len(self.origins)
         stores[-1].deps.push_prev = block.index + self.halves < blocks or block.index == blocks - 1
         self.insns += stores
-
-    def _requantize(self, block: _Block) -> list[AluInsn]:
-        """ADD bias+rounding (tensor), SHR (immediate or per-channel tensor), MIN 127, MAX -127 / 0."""
-        obb, rb, cb = block.obb, block.rb, block.cb
-        whole = self.uops.add([(block.acc_base, 0, 0)])
-        insns = [AluInsn(AluOp.ADD, False, 0, *self._per_tile(block, "bias"), rb, cb, cb, 1, 0, 0)]
-        if np.ndim(self.conv.shift) == 1:
-            insns.append(AluInsn(AluOp.SHR, False, 0, *self._per_tile(block, "shift"), rb, cb, cb, 1, 0, 0))
-        else:
-            insns.append(AluInsn(AluOp.SHR, True, int(self.conv.shift), *whole, obb * rb, cb, cb, 1))  # type: ignore[arg-type]
-        insns.append(AluInsn(AluOp.MIN, True, 127, *whole, obb * rb, cb, cb, 1))
-        insns.append(AluInsn(AluOp.MAX, True, 0 if self.conv.relu else -127, *whole, obb * rb, cb, cb, 1))
-        return insns
 
     def _stores(self, block: _Block) -> list[MemInsn]:
         """STORE the block: one per output-channel tile, or one for all when the block is whole maps."""

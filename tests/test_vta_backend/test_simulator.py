@@ -88,6 +88,8 @@ def conv_cases(draw):
     residual_shift = None
     if draw(st.booleans()):
         residual_shift = rng.integers(-2, 10, groups * ocg) if per_channel else int(rng.integers(-2, 10))
+        if draw(st.booleans()):  # output and residual scales one power of two apart for every channel
+            residual_shift = shift + int(rng.integers(-4, 8))
     conv = QuantConv(
         "conv",
         weight,

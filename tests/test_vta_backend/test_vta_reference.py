@@ -109,6 +109,22 @@ def test_every_program_gives_our_bytes_on_both_vta_simulators(binaries, tmp_path
         model, _ = gpp_onnx.prune(model, sparsity, pattern="group")
     config = VTAConfig.from_json(REFERENCE / config_file) if config_file else VTAConfig()
     compiled = compile_model(model, config, quantization=QuantizationOptions(per_channel=per_channel))
+    check_bundle(compiled, binaries[config_file], tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("output_shift", "path"), [(3, "gemm-after-shift+shr"), (11, "gemm-before-shift+shr")], ids=["after", "before"]
+)
+def test_every_residual_path_gives_our_bytes_on_both_vta_simulators(binaries, tmp_path, output_shift, path):
+    config = VTAConfig()
+    compiled = compile_model(small_net(), config, activation_shifts={"c.relu": output_shift})
+    assert compiled.layers["c"].programs[0].residual_path == path
+    check_bundle(compiled, binaries[None], tmp_path)
+
+
+def check_bundle(compiled, binaries: dict[str, Path], tmp_path: Path) -> None:
+    """Write the bundle; run every program on ours and both references from summary.json alone."""
+    config = compiled.config
     assert len(compiled.layers) == 4 and compiled.layers["c"].conv.residual_shift is not None
     folder = tmp_path / "bundle"
     write_programs(compiled, folder)
@@ -127,14 +143,14 @@ def test_every_program_gives_our_bytes_on_both_vta_simulators(binaries, tmp_path
         for start in ("0", "1"):
             profile = tmp_path / "profile.json"
             extra = ["--start-core", start, "--profile", str(profile)]
-            assert run_reference(binaries[config_file]["fsim"], folder, entry, images, tmp_path / "o", extra) == ours
+            assert run_reference(binaries["fsim"], folder, entry, images, tmp_path / "o", extra) == ours
             executed = simulate_timing(layer.programs[0].insns, config).gemm_uops
             assert json.loads(profile.read_text())["gemm_counter"] == executed
-        assert run_reference(binaries[config_file]["hls"], folder, entry, images, tmp_path / "o", []) == ours
-        check_layout_against_the_layer(entry, layer, tensors, ours, config)
+        assert run_reference(binaries["hls"], folder, entry, images, tmp_path / "o", []) == ours
+        check_layout_against_the_layer(entry, layer, tensors, ours)
 
 
-def check_layout_against_the_layer(entry: dict, layer, tensors: dict, ours: bytes, config: VTAConfig) -> None:
+def check_layout_against_the_layer(entry: dict, layer, tensors: dict, ours: bytes) -> None:
     """The packed layouts summary.json gives, unpacked, are what the layer computes on NCHW tensors."""
 
     def nchw(data: bytes, tensor: dict) -> np.ndarray:
