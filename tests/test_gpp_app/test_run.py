@@ -185,7 +185,12 @@ def test_compile_and_run_report_the_same_simulated_cycles(capsys, model_path, da
     compiled = run_cli(capsys, "compile", str(model_path), "-o", str(tmp_path / "vta"), "--json")
     ran = run_cli(capsys, "run", str(model_path), "--data", str(data_dir), "--calibration-images", "20", "--json")
     assert compiled[0] == ran[0] == 0
-    assert json.loads(compiled[1])["cycles"] == json.loads(ran[1])["vta"]["cycles"] > 0
+    compiled, ran = json.loads(compiled[1]), json.loads(ran[1])["vta"]
+    # the same weights, quantized alike: the same GEMM work; only the activation scales differ (compile
+    # assumes one, run calibrates), which can change how the requantization and residual are scheduled
+    assert compiled["gemm_uops"] == ran["gemm_uops"] > 0 and compiled["dense_cycles"] > 0
+    assert [layer["tiles_kept"] for layer in compiled["layers"]] == [layer["tiles_kept"] for layer in ran["layers"]]
+    assert compiled["cycles"] == pytest.approx(ran["cycles"], rel=0.1)
 
 
 def test_data_of_another_size_than_the_model_input_fails_before_calibration(capsys, data_dir, tmp_path):
