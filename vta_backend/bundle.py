@@ -34,7 +34,7 @@ RELOCATION = (
     "physical address (VTA's runtime) adds physical_address / element_bytes to the dram_base of every LOAD "
     "and STORE of that memory type, so each buffer must start at a multiple of its element_bytes."
 )
-SUFFIXES = (".insn.bin", ".uop.bin", ".wgt.bin", ".acc.bin")
+SUFFIXES = (".insn.bin", ".uop.bin", ".wgt.bin", ".acc.bin", ".const.bin")
 PROGRAM_FILE = re.compile(r"\d{3}_.*(" + "|".join(re.escape(s) for s in SUFFIXES) + r")")
 
 
@@ -46,7 +46,10 @@ def file_stem(index: int, name: str) -> str:
 def _program_files(program: Program, stem: str) -> dict[str, bytes]:
     """File name -> contents of one program's four binaries."""
     images = (program.binary(), program.uops.tobytes(), program.weights.tobytes(), program.acc_image.tobytes())
-    return {stem + suffix: data for suffix, data in zip(SUFFIXES, images)}
+    files = {stem + suffix: data for suffix, data in zip(SUFFIXES, images)}
+    if len(program.constants):  # the constant input vectors, when the program has any
+        files[stem + SUFFIXES[4]] = program.constants.tobytes()
+    return files
 
 
 def _tensor(channels: int, height: int, width: int, block: int, buffer: str, offset: int) -> dict[str, object]:
@@ -79,7 +82,13 @@ def program_entry(program: Program, stem: str) -> dict[str, object]:
     """The self-description of one program in summary.json."""
     g, c = program.geometry, program.config
     residual = program.conv.residual_shift is not None
-    inputs = g.input_vectors + (g.output_vectors if residual else 0)
+    constants_at = g.input_vectors + (g.output_vectors if residual else 0)
+    constants = {
+        "file": stem + SUFFIXES[4],
+        "buffer": "inp",
+        "offset": constants_at,
+        "elements": len(program.constants),
+    }
     first = program.group * g.in_channels, program.group * g.out_channels
     return {
         "name": program.name,
@@ -91,11 +100,12 @@ def program_entry(program: Program, stem: str) -> dict[str, object]:
         if residual
         else None,
         "output": _tensor(g.out_channels, g.out_height, g.out_width, c.BLOCK_OUT, "out", 0),
+        "constants": constants if len(program.constants) else None,
         "instructions": {"file": stem + SUFFIXES[0], "count": len(program.insns), "element_bytes": 16},
         "buffers": {
             "uop": _buffer(MemType.UOP, len(program.uops), 4, stem + SUFFIXES[1]),
             "wgt": _buffer(MemType.WGT, len(program.weights), c.wgt_tile_bytes, stem + SUFFIXES[2]),
-            "inp": _buffer(MemType.INP, inputs, c.inp_vector_bytes, None),
+            "inp": _buffer(MemType.INP, constants_at + len(program.constants), c.inp_vector_bytes, None),
             "acc": _buffer(MemType.ACC, len(program.acc_image), c.acc_vector_bytes, stem + SUFFIXES[3]),
             "out": _buffer(MemType.OUT, g.output_vectors, c.BATCH * c.BLOCK_OUT, None),
         },

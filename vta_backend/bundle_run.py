@@ -29,8 +29,8 @@ class BundleProgram:
     config: VTAConfig
 
     def file(self, key: str) -> bytes:
-        """The bytes of the file summary.json names for ``key`` (``instructions`` or a buffer)."""
-        description = self.entry["instructions"] if key == "instructions" else self.entry["buffers"][key]
+        """The bytes of the file summary.json names for ``key`` (``instructions``, ``constants`` or a buffer)."""
+        description = self.entry[key] if key in ("instructions", "constants") else self.entry["buffers"][key]
         path = self.folder / description["file"]
         try:
             return path.read_bytes()
@@ -88,6 +88,8 @@ def run_program(program: BundleProgram, inputs: bytes, residual: bytes | None = 
     """The raw OUT buffer the program writes for one image, given the raw input (and residual) files."""
     c = program.config
     images = _raw_input(program, "input", inputs) + _raw_input(program, "residual", residual)
+    if program.entry["constants"] is not None:  # the input buffer: input, residual, then the constants
+        images += program.file("constants")
     buffers = program.entry["buffers"]
     dram = {
         MemType.INP: np.frombuffer(images, np.int8).reshape(1, -1, c.BLOCK_IN),

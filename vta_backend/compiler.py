@@ -32,6 +32,7 @@ from functools import cached_property
 import numpy as np
 
 from gpp_onnx.annotation import check_pruned_tiles_are_zero
+from vta_backend.bias import bias_input, bias_weights
 from vta_backend.config import VTAConfig
 from vta_backend.isa import (
     AluInsn,
@@ -81,6 +82,7 @@ class Program:
     uops: np.ndarray  # uint32 DRAM image of the micro-ops
     weights: np.ndarray  # int8 [tiles, BLOCK_OUT, BLOCK_IN]: issued tiles in step order
     acc_image: np.ndarray  # int32 [vectors, BLOCK_OUT]: bias+rounding per oc tile, then shifts
+    constants: np.ndarray  # int8 [vectors, BLOCK_IN]: input vectors the program needs (the bias GEMM's)
     issued: np.ndarray  # bool [OT, IT, P]: tiles issued
     tiles: np.ndarray  # int8 [OT, IT, P, BLOCK_OUT, BLOCK_IN]: the group's packed weight (OIHW16o16i)
     group: int = 0
@@ -299,13 +301,14 @@ class _ProgramBuilder:
         ob = tiling.oc_block
         self.steps_total = sum(
             1 for o0, _, _ in self.origins for it in range(g.ic_tiles) if self.issued[o0 : o0 + ob, it].any()
-        ) + (len(self.origins) if self.alignment is not None else 0)
+        ) + len(self.origins) * ((self.alignment is not None) + tiling.bias_by_gemm)  # residual and bias steps
         self.uops = _UopTable()
         self.weight_tiles: list[np.ndarray] = []
         self.weight_offsets: dict[tuple[str, int, int], int] = {}  # (kind, oc block, ic tile) -> first tile
         self.insns: list[Insn] = []  # in program order; each module reads its own instructions in this order
         self.step = self.last_padding = 0
-        self.counts = dict.fromkeys(("gemm_uops", "gemm_uops_dense", "gemm_uops_residual", "gemm_uops_padding"), 0)
+        kinds = ("gemm_uops", "gemm_uops_dense", "gemm_uops_residual", "gemm_uops_bias", "gemm_uops_padding")
+        self.counts = dict.fromkeys(kinds, 0)
 
     def emit_block(self, b: int, origin: tuple[int, int, int]) -> None:
         """Accumulator set-up, the fused residual, every step (input-channel tile) with an issued tile,
@@ -327,7 +330,9 @@ class _ProgramBuilder:
         if b >= self.halves:
             self.insns[first].deps.pop_next = True  # wait for the store of block b - halves
         if self.alignment is not None and not self.alignment.after_requantization:
-            self._emit_residual(block, self.alignment)
+            self._emit_residual(block, self.alignment)  # first: its SHR must see the residual alone
+        if self.tiling.bias_by_gemm:
+            self._emit_bias(block)
         for it in range(g.ic_tiles):
             self._emit_step(block, it)
         self._emit_epilogue(block)
@@ -392,6 +397,29 @@ class _ProgramBuilder:
         elif alignment.shift:
             whole = self.uops.add([(block.acc_base, 0, 0)])
             self.insns.append(AluInsn(AluOp.SHR, True, alignment.shift, *whole, block.obb * rb, cb, cb, 1))
+
+    def _emit_bias(self, block: _Block) -> None:
+        """The bias (with rounding), as a step: LOAD INP of the constant input vector (after the input and
+        residual in the input buffer), LOAD WGT of the block's bias tiles, their GEMM into the outputs."""
+        inp_base, wgt_base = self._halves()
+        g = self.g
+        constant = g.input_vectors + (g.output_vectors if self.alignment is not None else 0)
+        load = MemInsn(Opcode.LOAD, MemType.INP, inp_base, constant, 1, 1, 1)
+        offset = self._weight_offset(("bias", block.o0, 0), list(self.bias_tiles[block.o0 : block.o0 + block.obb]))
+        taps = [(o, inp_base, wgt_base + o) for o in range(block.obb)]
+        gemm = self._emit_loads_and_gemm(block, [load], offset, block.obb, taps, (0, 0))
+        self.counts["gemm_uops_bias"] += gemm.count - self.last_padding
+
+    @cached_property
+    def bias_tiles(self) -> np.ndarray:
+        """int8 ``[OT, BLOCK_OUT, BLOCK_IN]``: per output-channel tile, the weights that turn the constant
+        input vector into the bias with rounding (zero for padding lanes)."""
+        c, g = self.config, self.g
+        lanes = np.zeros(g.oc_tiles * c.BLOCK_OUT, np.int64)
+        lanes[: g.out_channels] = self.conv.bias_with_rounding()[self.channels]
+        weights = bias_weights(lanes, c.BLOCK_IN)
+        assert weights is not None  # choose_tiling set bias_by_gemm only where every bias is representable
+        return weights.reshape(g.oc_tiles, c.BLOCK_OUT, c.BLOCK_IN)
 
     def _diagonal_tiles(self, block: _Block, alignment: ResidualAlignment) -> list[np.ndarray]:
         """Per output-channel tile of the block, the diagonal weight tile ``2**exponent`` per channel."""
@@ -471,7 +499,8 @@ class _ProgramBuilder:
         (MIN 127, MAX -127 / 0), then the stores of the block."""
         obb, rb, cb = block.obb, block.rb, block.cb
         whole = self.uops.add([(block.acc_base, 0, 0)])
-        self.insns.append(AluInsn(AluOp.ADD, False, 0, *self._per_tile(block, "bias"), rb, cb, cb, 1, 0, 0))
+        if "bias" in self.layout.vectors:
+            self.insns.append(AluInsn(AluOp.ADD, False, 0, *self._per_tile(block, "bias"), rb, cb, cb, 1, 0, 0))
         if "shift" in self.layout.vectors:
             self.insns.append(AluInsn(AluOp.SHR, False, 0, *self._per_tile(block, "shift"), rb, cb, cb, 1, 0, 0))
         else:
@@ -511,7 +540,7 @@ class _ProgramBuilder:
         conv, g, config = self.conv, self.g, self.config
         words = self.uops.encoded(conv, config)
         insns: list[Insn] = [MemInsn(Opcode.LOAD, MemType.UOP, 0, 0, 1, len(words), len(words))]
-        if self.layout.resident_tiles:  # every tile's bias / shift vectors, once
+        if self.layout.resident_tiles and self.layout.vectors:  # every tile's bias / shift vectors, once
             vectors = len(self.layout.vectors) * g.oc_tiles
             base = self.layout.vector_base(0, self.layout.vectors[0], 0)
             insns.append(MemInsn(Opcode.LOAD, MemType.ACC, base, 0, 1, vectors, vectors))
@@ -526,6 +555,9 @@ class _ProgramBuilder:
             uops=words,
             weights=np.array(self.weight_tiles, np.int8).reshape(-1, config.BLOCK_OUT, config.BLOCK_IN),
             acc_image=_acc_image(conv, g, config, self.layout, self.channels),
+            constants=(bias_input(config.BLOCK_IN) if self.tiling.bias_by_gemm else np.zeros(0, np.int8)).reshape(
+                -1, config.BLOCK_IN
+            ),
             issued=self.issued,
             tiles=self.tiles,
             group=self.group,

@@ -173,7 +173,7 @@ def run_isa(program: Program, packed: np.ndarray, residual: np.ndarray | None = 
     """Interpret the encoded program: int8 ``[B, IT, H, W, BLOCK_IN]`` -> int8 ``[B, OT, OH, OW, BLOCK_OUT]``.
 
     ``residual`` (int8, laid out as the output) is the second operand of a fused Add; it follows
-    the input in the input DRAM buffer.
+    the input in the input DRAM buffer, and the program's constant input vectors follow both.
     """
     g, c = program.geometry, program.config
     _check_residual(program, residual)
@@ -181,6 +181,8 @@ def run_isa(program: Program, packed: np.ndarray, residual: np.ndarray | None = 
     inputs = packed.reshape(batch, -1, c.BLOCK_IN)
     if residual is not None:
         inputs = np.concatenate([inputs, residual.reshape(batch, -1, c.BLOCK_IN)], axis=1)
+    constants = np.broadcast_to(program.constants, (batch, *program.constants.shape))
+    inputs = np.concatenate([inputs, constants], axis=1)
     dram = {
         MemType.INP: inputs,
         MemType.WGT: program.weights,

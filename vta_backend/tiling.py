@@ -8,11 +8,13 @@ model uses), double buffering preferred.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
 
 from gpp_onnx.errors import UserError
+from vta_backend.bias import bias_weights
 from vta_backend.config import VTAConfig
 from vta_backend.cost import alu_cycles, dma_cycles, element_bytes, gemm_cycles
 from vta_backend.isa import LOOP_ITER_WIDTH, MemType
@@ -35,6 +37,7 @@ class Tiling:
     cols: int  # output columns per block
     double_buffered: bool
     resident_vectors: bool = False  # bias / shift vectors loaded once per program, not per block
+    bias_by_gemm: bool = False  # the bias added by a GEMM of a constant input (vta_backend.bias), not the ALU
 
 
 @dataclass
@@ -130,10 +133,12 @@ def requantization_shifts(conv: QuantConv) -> np.ndarray:
     return conv.shifts() if alignment is None else alignment.requantization_shifts
 
 
-def vector_kinds(conv: QuantConv) -> tuple[str, ...]:
+def vector_kinds(conv: QuantConv, bias_by_gemm: bool) -> tuple[str, ...]:
     """The per-output-channel vectors a block loads into the accumulator: the bias (with the rounding
-    constant), then the shifts and the residual alignments where they differ per channel."""
-    vectors = ("bias",) + (("shift",) if np.unique(requantization_shifts(conv)).size > 1 else ())
+    constant) unless a GEMM adds it, then the shifts and the residual alignments where they differ
+    per channel."""
+    vectors = () if bias_by_gemm else ("bias",)
+    vectors += ("shift",) if np.unique(requantization_shifts(conv)).size > 1 else ()
     alignment = ResidualAlignment.of(conv)
     if alignment is not None and alignment.shift is None:
         vectors += ("residual_shift",)
@@ -174,7 +179,7 @@ class AccLayout:
         t = tiling
         return cls(
             t.oc_block * t.rows * t.cols,
-            vector_kinds(conv),
+            vector_kinds(conv, t.bias_by_gemm),
             t.oc_block,
             2 if t.double_buffered else 1,
             scratch_rows(g, t.rows, t.cols),
@@ -246,18 +251,16 @@ def _dma(memory_type: MemType, elements: int, config: VTAConfig) -> int:
     return dma_cycles(elements * element_bytes(memory_type, config)[1], config)
 
 
-def _requantization(conv: QuantConv, outputs: int) -> int:
-    """ALU cycles of a block's requantization: ADD bias (tensor), SHR (tensor when per channel), MIN, MAX."""
-    per_channel = "shift" in vector_kinds(conv)
-    return (
-        alu_cycles(outputs, tensor_operand=True)
-        + alu_cycles(outputs, tensor_operand=per_channel)
-        + 2 * alu_cycles(outputs, tensor_operand=False)
-    )
+def _requantization(conv: QuantConv, outputs: int, bias_by_gemm: bool) -> int:
+    """Cycles of a block's requantization: the bias (GEMM, or ALU ADD with a tensor operand), SHR (tensor
+    when per channel), MIN, MAX."""
+    per_channel = "shift" in vector_kinds(conv, bias_by_gemm)
+    bias = gemm_cycles(outputs) if bias_by_gemm else alu_cycles(outputs, tensor_operand=True)
+    return bias + alu_cycles(outputs, tensor_operand=per_channel) + 2 * alu_cycles(outputs, tensor_operand=False)
 
 
 def _block_work(
-    conv: QuantConv, g: Geometry, config: VTAConfig, block: tuple[int, int, int], density: float, resident: bool
+    conv: QuantConv, g: Geometry, config: VTAConfig, block: tuple[int, int, int], density: float, tiling: Tiling
 ) -> tuple[int, int, int, int]:
     """Busy cycles of one block of ``(oc tiles, rows, cols)`` per module (load, compute, store),
     and its first step's loads."""
@@ -268,8 +271,11 @@ def _block_work(
     step_load += _dma(MemType.WGT, max(1, round(ob * g.positions * density)), config)
     load = g.ic_tiles * step_load
     compute = g.ic_tiles * gemm_cycles(round(outputs * g.positions * density))
-    compute += gemm_cycles(outputs) + (0 if resident else len(vector_kinds(conv)) * _dma(MemType.ACC, ob, config))
-    compute += _requantization(conv, outputs)
+    kinds = len(vector_kinds(conv, tiling.bias_by_gemm))
+    compute += gemm_cycles(outputs) + (0 if tiling.resident_vectors else kinds * _dma(MemType.ACC, ob, config))
+    compute += _requantization(conv, outputs, tiling.bias_by_gemm)
+    if tiling.bias_by_gemm:  # the constant input vector and the bias tiles
+        load += _dma(MemType.INP, 1, config) + _dma(MemType.WGT, ob, config)
     alignment = ResidualAlignment.of(conv)
     if alignment is not None:
         load += _dma(MemType.INP, outputs, config) + _dma(MemType.WGT, ob, config)
@@ -298,31 +304,33 @@ def estimate_cycles(conv: QuantConv, g: Geometry, config: VTAConfig, tiling: Til
         for rows, n_r in _splits(g.out_height, tiling.rows):
             for cols, n_c in _splits(g.out_width, tiling.cols):
                 block = (ob, rows, cols)
-                load, compute, store, step_load = _block_work(conv, g, config, block, density, tiling.resident_vectors)
+                load, compute, store, step_load = _block_work(conv, g, config, block, density, tiling)
                 cost = max(load, compute, store) if tiling.double_buffered else load + compute + store
                 total += n_o * n_r * n_c * cost
                 first, last = first or step_load, (ob, rows, cols)
     if not tiling.double_buffered:
         return total
     ob, rows, cols = last
-    resident = len(vector_kinds(conv)) * _dma(MemType.ACC, g.oc_tiles, config) if tiling.resident_vectors else 0
+    kinds = len(vector_kinds(conv, tiling.bias_by_gemm))
+    resident = kinds * _dma(MemType.ACC, g.oc_tiles, config) if tiling.resident_vectors and kinds else 0
     return resident + first + total + _dma(MemType.OUT, ob * rows * cols, config)
 
 
 def choose_tiling(conv: QuantConv, g: Geometry, config: VTAConfig, density: float = 1.0) -> Tiling:
     """The feasible tiling with the lowest estimated cycle count for blocks that issue ``density`` of
-    their weight tiles (double buffering preferred, then vectors resident)."""
+    their weight tiles (double buffering preferred, then vectors resident); the bias by GEMM where it
+    is representable and the estimate says it pays."""
     col_options = sorted({ceil_div(g.out_width, k) for k in range(1, g.out_width + 1)}, reverse=True)
+    bias_options = (False, True) if bias_weights(conv.bias_with_rounding(), config.BLOCK_IN) is not None else (False,)
     for double, resident in ((True, True), (True, False), (False, True), (False, False)):
         best: tuple[int, Tiling] | None = None
-        for ob in range(g.oc_tiles, 0, -1):
-            for cols in col_options:
-                fitting = (Tiling(ob, r, cols, double, resident) for r in range(g.out_height, 0, -1))
-                tiling = next((t for t in fitting if _fits(conv, g, config, t)), None)
-                if tiling is not None:  # fewer rows only costs more for this (ob, cols)
-                    estimate = estimate_cycles(conv, g, config, tiling, density)
-                    if best is None or estimate < best[0]:
-                        best = (estimate, tiling)
+        for ob, cols, by_gemm in itertools.product(range(g.oc_tiles, 0, -1), col_options, bias_options):
+            fitting = (Tiling(ob, r, cols, double, resident, by_gemm) for r in range(g.out_height, 0, -1))
+            tiling = next((t for t in fitting if _fits(conv, g, config, t)), None)
+            if tiling is not None:  # fewer rows only costs more for this (ob, cols)
+                estimate = estimate_cycles(conv, g, config, tiling, density)
+                if best is None or estimate < best[0]:
+                    best = (estimate, tiling)
         if best is not None:
             return best[1]
     smallest = AccLayout.of(conv, g, Tiling(1, 1, 1, False)).total

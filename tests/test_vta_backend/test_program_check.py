@@ -76,7 +76,7 @@ def test_the_checker_refuses_a_gemm_with_a_pipeline_hazard():
 def test_the_checker_refuses_a_load_the_boards_design_does_not_implement():
     conv = QuantConv("c", np.ones((16, 16, 1, 1), np.int8), shift=8)
     program = compile_conv(conv, (16, 4, 4), CONFIG)
-    load = next(i for i in program.insns if isinstance(i, MemInsn) and i.memory_type == MemType.ACC)
+    load = next(i for i in program.insns if isinstance(i, MemInsn) and i.memory_type == MemType.INP)
     insns = [dataclasses.replace(i, memory_type=MemType.ACC_8BIT) if i is load else i for i in program.insns]
     with pytest.raises(CompileError, match="ACC_8BIT, which the xilinx-hls design does not implement.*pynq"):
         dataclasses.replace(program, insns=insns).check()

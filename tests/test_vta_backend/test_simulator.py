@@ -139,9 +139,10 @@ def test_pruned_tiles_are_neither_loaded_nor_issued():
     kept = random_kept(rng, 1, 64, 64, 9, 0.7)
     conv = QuantConv("c", masked_weight(rng, kept, 64, 64, 3, 3), pads=(1, 1, 1, 1), shift=8, kept=kept)
     program = compile_conv(conv, (64, 8, 8), CONFIG)
-    assert len(program.weights) == kept.sum()  # the DRAM weight image holds only kept tiles
+    assert program.tiling.bias_by_gemm  # the weight image: only the kept tiles, and a bias tile per output tile
+    assert len(program.weights) == kept.sum() + 4
     gemm_uops = sum(i.count for i in program.insns if type(i).__name__ == "GemmInsn" and not i.reset)
-    assert gemm_uops == kept.sum() * 64 == program.stats["gemm_uops"]
+    assert gemm_uops - program.stats["gemm_uops_bias"] == kept.sum() * 64 == program.stats["gemm_uops"]
 
 
 def test_pruned_tile_with_nonzero_weights_is_an_error_naming_the_layer():

@@ -138,8 +138,8 @@ def check_bundle(compiled, binaries: dict[str, Path], tmp_path: Path) -> None:
             if entry[name] is not None
         }
         ours = run_program(program, tensors["input"], tensors.get("residual"))
-        images = tmp_path / "inp.bin"  # the input buffer: the input, then the residual (summary.json offsets)
-        images.write_bytes(tensors["input"] + tensors.get("residual", b""))
+        images = tmp_path / "inp.bin"  # the input buffer, assembled at the offsets summary.json gives
+        images.write_bytes(input_buffer(folder, entry, tensors))
         for start in ("0", "1"):
             profile = tmp_path / "profile.json"
             extra = ["--start-core", start, "--profile", str(profile)]
@@ -148,6 +148,19 @@ def check_bundle(compiled, binaries: dict[str, Path], tmp_path: Path) -> None:
             assert json.loads(profile.read_text())["gemm_counter"] == executed
         assert run_reference(binaries["hls"], folder, entry, images, tmp_path / "o", []) == ours
         check_layout_against_the_layer(entry, layer, tensors, ours)
+
+
+def input_buffer(folder: Path, entry: dict, tensors: dict[str, bytes]) -> bytes:
+    """The INP buffer as a host builds it: each tensor and the constants file at its element offset."""
+    element = entry["buffers"]["inp"]["element_bytes"]
+    buffer = bytearray(entry["buffers"]["inp"]["bytes"])
+    pieces = dict(tensors)
+    if entry["constants"] is not None:
+        pieces["constants"] = (folder / entry["constants"]["file"]).read_bytes()
+    for name, data in pieces.items():
+        offset = entry[name]["offset"] * element
+        buffer[offset : offset + len(data)] = data
+    return bytes(buffer)
 
 
 def check_layout_against_the_layer(entry: dict, layer, tensors: dict, ours: bytes) -> None:
