@@ -58,15 +58,17 @@ from vta_backend.tiling import (
     Geometry,
     ResidualAlignment,
     Tiling,
-    choose_tiling,
+    choose_tilings,
     geometry,
     input_half,
     requantization_shifts,
     sub_block,
     window,
 )
+from vta_backend.timing import simulate_timing
 
 PAD_LIMIT = 15  # 4-bit LOAD pad fields
+CANDIDATES = 4  # tilings the estimate ranks best; the compiler builds each and keeps the fastest in the cycle model
 
 
 @dataclass
@@ -205,6 +207,11 @@ def hazard_free_order(uops: list[tuple[int, int, int]], scratch: list[int]) -> t
     return order, padding
 
 
+def _starts(sizes: list[int]) -> list[tuple[int, int]]:
+    """(start, size) of consecutive pieces."""
+    return [(sum(sizes[:i]), size) for i, size in enumerate(sizes)]
+
+
 def _nonzero_tiles(conv: QuantConv, config: VTAConfig) -> np.ndarray:
     """bool [G, OT, IT, P]: the weight tiles holding a nonzero weight."""
     out_channels, icg, kh, kw = conv.weight.shape
@@ -239,10 +246,14 @@ def compile_conv(conv: QuantConv, in_shape: tuple[int, int, int], config: VTACon
     if max(conv.pads) > PAD_LIMIT:
         raise CompileError(f"layer {conv.name}: padding {max(conv.pads)} exceeds the LOAD pad field limit {PAD_LIMIT}")
     density = float(issued_tiles(conv, config)[group].mean()) if conv.weight.size else 1.0
-    tiling = choose_tiling(conv, g, config, density)
+    candidates = [_build(conv, g, config, t, group) for t in choose_tilings(conv, g, config, density, CANDIDATES)]
+    return min(candidates, key=lambda program: simulate_timing(program.insns, config).cycles)
+
+
+def _build(conv: QuantConv, g: Geometry, config: VTAConfig, tiling: Tiling, group: int) -> Program:
     builder = _ProgramBuilder(conv, g, config, tiling, group)
-    for b, origin in enumerate(builder.origins):
-        builder.emit_block(b, origin)
+    for b, extent in enumerate(builder.blocks):
+        builder.emit_block(b, extent)
     return builder.program()
 
 
@@ -292,16 +303,15 @@ class _ProgramBuilder:
         self.tiles = packed.reshape(g.oc_tiles, g.ic_tiles, g.positions, config.BLOCK_OUT, config.BLOCK_IN)
         self.inp_half = input_half(conv, tiling.oc_block, tiling.rows, tiling.cols)
         self.wgt_half = tiling.oc_block * g.positions
-        self.origins = [
-            (o0, y0, x0)
-            for o0 in range(0, g.oc_tiles, tiling.oc_block)
-            for y0 in range(0, g.out_height, tiling.rows)
-            for x0 in range(0, g.out_width, tiling.cols)
+        self.blocks = [
+            (o0, y0, x0, obb, rb, cb)
+            for o0, obb in _starts(tiling.parts(g)[0])
+            for y0, rb in _starts(tiling.parts(g)[1])
+            for x0, cb in _starts(tiling.parts(g)[2])
         ]
-        ob = tiling.oc_block
         self.steps_total = sum(
-            1 for o0, _, _ in self.origins for it in range(g.ic_tiles) if self.issued[o0 : o0 + ob, it].any()
-        ) + len(self.origins) * ((self.alignment is not None) + tiling.bias_by_gemm)  # residual and bias steps
+            1 for o0, _, _, obb, _, _ in self.blocks for it in range(g.ic_tiles) if self.issued[o0 : o0 + obb, it].any()
+        ) + len(self.blocks) * ((self.alignment is not None) + tiling.bias_by_gemm)  # residual and bias steps
         self.uops = _UopTable()
         self.weight_tiles: list[np.ndarray] = []
         self.weight_offsets: dict[tuple[str, int, int], int] = {}  # (kind, oc block, ic tile) -> first tile
@@ -310,21 +320,11 @@ class _ProgramBuilder:
         kinds = ("gemm_uops", "gemm_uops_dense", "gemm_uops_residual", "gemm_uops_bias", "gemm_uops_padding")
         self.counts = dict.fromkeys(kinds, 0)
 
-    def emit_block(self, b: int, origin: tuple[int, int, int]) -> None:
+    def emit_block(self, b: int, extent: tuple[int, int, int, int, int, int]) -> None:
         """Accumulator set-up, the fused residual, every step (input-channel tile) with an issued tile,
-        requantization, stores."""
-        o0, y0, x0 = origin
-        t, g = self.tiling, self.g
-        block = _Block(
-            b,
-            o0,
-            y0,
-            x0,
-            min(t.oc_block, g.oc_tiles - o0),
-            min(t.rows, g.out_height - y0),
-            min(t.cols, g.out_width - x0),
-            (b % self.halves) * self.layout.size,
-        )
+        requantization, stores; ``extent`` is the block's origin and size (o0, y0, x0, obb, rb, cb)."""
+        g = self.g
+        block = _Block(b, *extent, (b % self.halves) * self.layout.size)
         first = len(self.insns)
         self._emit_accumulator_setup(block)
         if b >= self.halves:
@@ -513,7 +513,7 @@ class _ProgramBuilder:
         self.insns.append(AluInsn(AluOp.MAX, True, low, *whole, obb * rb, cb, cb, 1, deps=Deps(push_next=True)))
         stores = self._stores(block)
         stores[0].deps.pop_prev = True
-        blocks = len(self.origins)
+        blocks = len(self.blocks)
         stores[-1].deps.push_prev = block.index + self.halves < blocks or block.index == blocks - 1
         self.insns += stores
 
@@ -565,7 +565,7 @@ class _ProgramBuilder:
             | {
                 "tiles_total": int(self.issued.size),
                 "tiles_kept": int(self.issued.sum()),
-                "blocks": len(self.origins),
+                "blocks": len(self.blocks),
                 "steps": self.steps_total,
             },
         )

@@ -9,7 +9,8 @@ model uses), double buffering preferred.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -38,6 +39,23 @@ class Tiling:
     double_buffered: bool
     resident_vectors: bool = False  # bias / shift vectors loaded once per program, not per block
     bias_by_gemm: bool = False  # the bias added by a GEMM of a constant input (vta_backend.bias), not the ALU
+    lead_rows: int = 0  # a first, smaller block row (0: none), so the first GEMM starts sooner
+    lead_cols: int = 0  # a first, smaller block column (0: none)
+
+    def parts(self, g: "Geometry") -> tuple[list[int], list[int], list[int]]:
+        """The block sizes along output-channel tiles, rows and columns, in program order."""
+        return (
+            partition(g.oc_tiles, self.oc_block),
+            partition(g.out_height, self.rows, self.lead_rows),
+            partition(g.out_width, self.cols, self.lead_cols),
+        )
+
+
+def partition(total: int, size: int, lead: int = 0) -> list[int]:
+    """The piece sizes ``total`` is cut into: a ``lead`` piece first (when > 0), then pieces of ``size``,
+    then the remainder."""
+    rest = total - lead
+    return ([lead] if lead else []) + [size] * (rest // size) + ([rest % size] if rest % size else [])
 
 
 @dataclass
@@ -182,7 +200,7 @@ class AccLayout:
             vector_kinds(conv, t.bias_by_gemm),
             t.oc_block,
             2 if t.double_buffered else 1,
-            scratch_rows(g, t.rows, t.cols),
+            scratch_rows(g, t),
             g.oc_tiles if t.resident_vectors else 0,
         )
 
@@ -210,15 +228,11 @@ class AccLayout:
         return half + self.outputs + self.oc_block * index
 
 
-def scratch_rows(g: Geometry, rows: int, cols: int) -> int:
+def scratch_rows(g: Geometry, tiling: Tiling) -> int:
     """Scratch accumulator rows a tiling needs: HAZARD_DISTANCE - 1 when some block (edges included)
     has fewer pixels than HAZARD_DISTANCE, else none."""
-    last_rows, last_cols = (
-        g.out_height - (ceil_div(g.out_height, rows) - 1) * rows,
-        g.out_width - (ceil_div(g.out_width, cols) - 1) * cols,
-    )
-    smallest = min(rows, last_rows) * min(cols, last_cols)
-    return HAZARD_DISTANCE - 1 if smallest < HAZARD_DISTANCE else 0
+    _, rows, cols = tiling.parts(g)
+    return HAZARD_DISTANCE - 1 if min(rows) * min(cols) < HAZARD_DISTANCE else 0
 
 
 def input_half(conv: QuantConv, oc_block: int, rows: int, cols: int) -> int:
@@ -285,54 +299,56 @@ def _block_work(
     return load, compute, _dma(MemType.OUT, outputs, config), step_load
 
 
-def _splits(total: int, size: int) -> list[tuple[int, int]]:
-    """(size, count) of the pieces ``total`` is cut into: whole pieces, then the remainder."""
-    whole, rest = divmod(total, size)
-    return [(size, whole)] + ([(rest, 1)] if rest else [])
-
-
 def estimate_cycles(conv: QuantConv, g: Geometry, config: VTAConfig, tiling: Tiling, density: float = 1.0) -> int:
     """Estimated cycles of a program with this tiling whose blocks issue ``density`` of their weight tiles.
 
     Double-buffered, the load, compute and store modules overlap: every block costs its busiest
-    module's work, plus the first step's loads before any GEMM and the last (edge) block's store
-    after the compute module is done. Single-buffered, the modules take turns.
+    module's work, plus the first block's first step loads before any GEMM and the last block's
+    store after the compute module is done. Single-buffered, the modules take turns.
     """
-    total = first = 0
-    last = (0, 0, 0)
-    for ob, n_o in _splits(g.oc_tiles, tiling.oc_block):
-        for rows, n_r in _splits(g.out_height, tiling.rows):
-            for cols, n_c in _splits(g.out_width, tiling.cols):
-                block = (ob, rows, cols)
-                load, compute, store, step_load = _block_work(conv, g, config, block, density, tiling)
-                cost = max(load, compute, store) if tiling.double_buffered else load + compute + store
-                total += n_o * n_r * n_c * cost
-                first, last = first or step_load, (ob, rows, cols)
+    parts = tiling.parts(g)
+    total = 0
+    for block, count in Counter(itertools.product(*parts)).items():
+        load, compute, store, _ = _block_work(conv, g, config, block, density, tiling)
+        total += count * (max(load, compute, store) if tiling.double_buffered else load + compute + store)
     if not tiling.double_buffered:
         return total
-    ob, rows, cols = last
+    first = _block_work(conv, g, config, tuple(p[0] for p in parts), density, tiling)[3]
+    ob, rows, cols = (p[-1] for p in parts)
     kinds = len(vector_kinds(conv, tiling.bias_by_gemm))
     resident = kinds * _dma(MemType.ACC, g.oc_tiles, config) if tiling.resident_vectors and kinds else 0
     return resident + first + total + _dma(MemType.OUT, ob * rows * cols, config)
 
 
-def choose_tiling(conv: QuantConv, g: Geometry, config: VTAConfig, density: float = 1.0) -> Tiling:
-    """The feasible tiling with the lowest estimated cycle count for blocks that issue ``density`` of
-    their weight tiles (double buffering preferred, then vectors resident); the bias by GEMM where it
-    is representable and the estimate says it pays."""
+def _lead_variants(tiling: Tiling) -> list[Tiling]:
+    """``tiling`` and its variants with a smaller first block row or column."""
+    return [tiling] + [
+        replace(tiling, **{field: size // k})
+        for field, size in (("lead_rows", tiling.rows), ("lead_cols", tiling.cols))
+        for k in (2, 4)
+        if size // k
+    ]
+
+
+def choose_tilings(
+    conv: QuantConv, g: Geometry, config: VTAConfig, density: float = 1.0, count: int = 1
+) -> list[Tiling]:
+    """The ``count`` feasible tilings with the lowest estimated cycles for blocks that issue ``density``
+    of their weight tiles, best first: double buffering preferred, then resident vectors; the bias by
+    GEMM where representable, and a smaller first block where the estimate prefers them."""
     col_options = sorted({ceil_div(g.out_width, k) for k in range(1, g.out_width + 1)}, reverse=True)
     bias_options = (False, True) if bias_weights(conv.bias_with_rounding(), config.BLOCK_IN) is not None else (False,)
     for double, resident in ((True, True), (True, False), (False, True), (False, False)):
-        best: tuple[int, Tiling] | None = None
+        feasible = []
         for ob, cols, by_gemm in itertools.product(range(g.oc_tiles, 0, -1), col_options, bias_options):
             fitting = (Tiling(ob, r, cols, double, resident, by_gemm) for r in range(g.out_height, 0, -1))
             tiling = next((t for t in fitting if _fits(conv, g, config, t)), None)
             if tiling is not None:  # fewer rows only costs more for this (ob, cols)
-                estimate = estimate_cycles(conv, g, config, tiling, density)
-                if best is None or estimate < best[0]:
-                    best = (estimate, tiling)
-        if best is not None:
-            return best[1]
+                feasible.append(tiling)
+        if feasible:
+            ranked = sorted(feasible, key=lambda t: estimate_cycles(conv, g, config, t, density))[:count]
+            variants = [v for t in ranked for v in _lead_variants(t) if _fits(conv, g, config, v)]
+            return sorted(variants, key=lambda t: estimate_cycles(conv, g, config, t, density))[:count]
     smallest = AccLayout.of(conv, g, Tiling(1, 1, 1, False)).total
     raise CompileError(
         f"layer {conv.name}: does not fit VTA's buffers even one output pixel and one channel tile at a time "
