@@ -70,8 +70,8 @@ def _raw_input(program: BundleProgram, tensor: str, data: bytes | None) -> bytes
     """The raw file for ``tensor``, checked against the size summary.json gives (b"" when not used)."""
     needed = program.entry[tensor] is not None
     if needed != (data is not None):
-        state = "needs" if needed else "takes no"
-        raise UserError(f"program {program.entry['name']} {state} a {tensor} file (see summary.json)")
+        what = f"needs a {tensor} file" if needed else f"takes no {tensor} file"
+        raise UserError(f"program {program.entry['name']} {what} (summary.json: {tensor})")
     if data is None:
         return b""
     expected = program.expected_bytes(tensor)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +108,46 @@ def test_compile_bad_input(capsys, pruned_path, tmp_path, case, expected):
     assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
     assert expected in stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def bundle(capsys, pruned_path, tmp_path) -> Path:
+    out = tmp_path / "vta"
+    assert run_cli(capsys, "compile", str(pruned_path), "-o", str(out))[0] == 0
+    return out
+
+
+def test_run_program_runs_a_program_from_its_files_alone(capsys, bundle, pruned_path, tmp_path, rng):
+    entry = json.loads((bundle / "summary.json").read_text())["programs"][1]
+    x = rng.integers(-127, 128, (1, 32, 8, 8)).astype(np.int8)  # NCHW
+    packed = np.zeros((1, 2, 8, 8, 16), np.int8)  # [1, C/16, H, W, 16] as summary.json gives it
+    packed[0] = x[0].reshape(2, 16, 8, 8).transpose(0, 2, 3, 1)
+    (tmp_path / "in.bin").write_bytes(packed.tobytes())
+    args = ["run-program", str(bundle), "-p", "conv1", "-i", str(tmp_path / "in.bin"), "-o", str(tmp_path / "o.bin")]
+    code, stdout, _ = run_cli(capsys, *args, "--json")
+    assert code == 0 and json.loads(stdout)["bytes"] == entry["buffers"]["out"]["bytes"]
+    out = np.frombuffer((tmp_path / "o.bin").read_bytes(), np.int8).reshape(4, 4, 4, 16).transpose(0, 3, 1, 2)
+    layer = compile_model(onnx.load(pruned_path), VTAConfig()).layers["conv1"]
+    np.testing.assert_array_equal(out.reshape(1, 64, 4, 4), layer.run(x, "fast"))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"-p": "nope"}, "no program 'nope'.*programs: conv0, conv1"),
+        ({"size": 10}, "the input file has 10 bytes; program conv1 expects 2048"),
+        ({"--residual": "in.bin"}, "program conv1 takes no residual file"),
+        ({"folder": "elsewhere"}, "holds no summary.json"),
+    ],
+)
+def test_run_program_refuses_bad_input_in_one_line(capsys, bundle, tmp_path, change, message):
+    (tmp_path / "in.bin").write_bytes(bytes(change.get("size", 2048)))
+    (tmp_path / "elsewhere").mkdir()
+    folder = tmp_path / change.get("folder", "vta")
+    args = ["run-program", str(folder), "-p", change.get("-p", "conv1"), "-i", str(tmp_path / "in.bin")]
+    args += ["-o", str(tmp_path / "o.bin")] + (
+        ["--residual", str(tmp_path / "in.bin")] if "--residual" in change else []
+    )
+    code, stdout, stderr = run_cli(capsys, *args)
+    assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert re.search(message, stderr) and not (tmp_path / "o.bin").exists()
