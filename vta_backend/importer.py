@@ -83,9 +83,37 @@ def unsupported_reason(
         )
     if len(node.input) > 2 and node.input[2] and index.constant_array(node.input[2]) is None:
         return "bias is not a constant"
-    if node_attribute(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-        return "auto_pad is not supported; export with explicit pads"
+    if _auto_pad(node) not in AUTO_PADS:
+        return f"auto_pad {_auto_pad(node)} is not an ONNX padding mode"
     return None
+
+
+AUTO_PADS = ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")
+
+
+def _auto_pad(node: onnx.NodeProto) -> str:
+    mode = node_attribute(node, "auto_pad", "NOTSET")
+    return mode.decode() if isinstance(mode, bytes) else str(mode)
+
+
+def explicit_pads(node: onnx.NodeProto, spatial: tuple[int, int], kernel: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right): the ``pads`` attribute, or what ``auto_pad`` means for this input size
+    (SAME_UPPER puts the odd pixel at the end, SAME_LOWER at the start, as ONNX specifies)."""
+    mode = _auto_pad(node)
+    if mode == "NOTSET":
+        pads = list(node_attribute(node, "pads", [0, 0, 0, 0]))  # type: ignore[arg-type]
+        return (pads[0], pads[1], pads[2], pads[3])
+    if mode == "VALID":
+        return (0, 0, 0, 0)
+    strides = list(node_attribute(node, "strides", [1, 1]))  # type: ignore[arg-type]
+    dilations = list(node_attribute(node, "dilations", [1, 1]))  # type: ignore[arg-type]
+    begin, end = [], []
+    for size, k, stride, dilation in zip(spatial, kernel, strides, dilations):
+        total = max(0, (-(-size // stride) - 1) * stride + (k - 1) * dilation + 1 - size)
+        small, large = total // 2, total - total // 2
+        begin.append(small if mode == "SAME_UPPER" else large)
+        end.append(large if mode == "SAME_UPPER" else small)
+    return (begin[0], begin[1], end[0], end[1])
 
 
 class _Importer:
@@ -115,7 +143,8 @@ class _Importer:
             return site
         assert layer is not None and layer.stored is not None and in_shape is not None
         fused = fusion(self.index, node.output[0], self.shapes)
-        site.conv = quantize_conv(self.float_conv(name, node, layer, fused), self.shifts, self.quantization)
+        float_conv = self.float_conv(name, node, layer, fused, (in_shape[2], in_shape[3]))
+        site.conv = quantize_conv(float_conv, self.shifts, self.quantization)
         site.in_shape = (in_shape[1], in_shape[2], in_shape[3])
         site.input_shift = self.quantization.shift_of(node.input[0], self.shifts)
         site.output_shift = self.quantization.shift_of(fused.output, self.shifts)
@@ -125,17 +154,19 @@ class _Importer:
         site.replaced = (name, *fused.nodes)
         return site
 
-    def float_conv(self, name: str, node: onnx.NodeProto, layer: Layer, fused: Fusion) -> FloatConv:
-        """The node's float weight, bias and attributes with its fused Add / Relu and kept-tile map."""
+    def float_conv(
+        self, name: str, node: onnx.NodeProto, layer: Layer, fused: Fusion, spatial: tuple[int, int]
+    ) -> FloatConv:
+        """The node's float weight, bias and attributes (padding for an input of ``spatial`` size) with
+        its fused Add / Relu and kept-tile map."""
         assert layer.stored is not None
         bias = self.index.constant_array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        pads = list(node_attribute(node, "pads", [0, 0, 0, 0]))  # type: ignore[arg-type]
         return FloatConv(
             name=name,
             weight=layer.stored.values.astype("float32"),
             bias=bias,
             stride=tuple(node_attribute(node, "strides", [1, 1])),  # type: ignore[arg-type]
-            pads=(pads[0], pads[1], pads[2], pads[3]),
+            pads=explicit_pads(node, spatial, layer.shape[2:]),
             dilation=tuple(node_attribute(node, "dilations", [1, 1])),  # type: ignore[arg-type]
             groups=int(node_attribute(node, "group", 1)),  # type: ignore[arg-type]
             relu=fused.relu,
@@ -154,7 +185,8 @@ def extract_convs(
     quantization: QuantizationOptions = DEFAULT_QUANTIZATION,
     kept: KeptTiles | None = None,
 ) -> list[ConvSite]:
-    """Every Conv node of the model in graph order, as a VTA conv or with the reason it is not one.
+    """Every Conv and ConvTranspose node of the model in graph order, as a VTA conv or with the reason
+    it is not one.
 
     ``activation_shifts`` maps tensor names to their power-of-two shifts (from calibration);
     ``kept`` is the validated annotation (None: dense, only all-zero tiles are skipped).
@@ -162,11 +194,18 @@ def extract_convs(
     check_tile(kept, config)
     shapes = static_shapes(model, input_shape, conv_tensors(model))
     importer = _Importer(model, shapes, config, kept, dict(activation_shifts or {}), quantization)
-    return [
-        importer.site(name, node)
-        for name, node in zip(importer.index.names, model.graph.node)
-        if node.op_type == "Conv" and node.domain in ("", "ai.onnx")
-    ]
+    sites = []
+    for name, node in zip(importer.index.names, model.graph.node):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Conv":
+            sites.append(importer.site(name, node))
+        elif node.op_type == "ConvTranspose":
+            sites.append(ConvSite(name, node.input[0], node.output[0], None, None, TRANSPOSED, replaced=(name,)))
+    return sites
+
+
+TRANSPOSED = "ConvTranspose: VTA's conv2d schedule runs convolutions, not transposed ones; stays on the CPU"
 
 
 def _sole_reader(index: GraphIndex, tensor: str) -> onnx.NodeProto | None:

@@ -5,7 +5,10 @@ Each rewritten conv carries a ``key`` attribute naming its compiled :class:`VtaK
 this process's registry. The kernel takes int8 activations (and, for a fused Add, the int8
 residual), runs the VTA program over the whole batch (fast path) and returns int8
 activations, as VTA keeps them in DRAM between layers; the session places ONNX Runtime's
-QuantizeLinear / DequantizeLinear at the borders with float operators.
+QuantizeLinear / DequantizeLinear at the borders with float operators. A model of opset
+below 10 has no QuantizeLinear: there the border ops of this module do the same arithmetic
+(scale ``2**-shift``, round half to even, saturate) fused with the layout change,
+``VtaQuantize`` (float32 NCHW -> int8 NHWC) and ``VtaDequantize`` (int8 NHWC -> float32 NCHW).
 
 onnxruntime-extensions returns a Python kernel's outputs to ONNX Runtime as
 ``array.flatten().tolist()``, about 50 ns per element; its native side accepts the flat
@@ -79,6 +82,34 @@ def _vta_conv(x: np.ndarray, key: str) -> np.ndarray:
 )
 def _vta_conv_add(x: np.ndarray, residual: np.ndarray, key: str) -> np.ndarray:
     return _kernel(key)(x, residual)
+
+
+QUANTIZE, DEQUANTIZE = "VtaQuantize", "VtaDequantize"  # float32 NCHW <-> int8 NHWC, for opsets below 10
+
+
+@onnx_op(
+    op_type=QUANTIZE,
+    domain=DOMAIN,
+    inputs=[PyCustomOpDef.dt_float],
+    outputs=[PyCustomOpDef.dt_int8],
+    attrs={"shift": PyCustomOpDef.dt_int64},
+)
+def quantize_nchw(x: np.ndarray, shift: int) -> np.ndarray:
+    """QuantizeLinear with scale ``2**-shift`` and zero point 0 (round half to even, saturate), then NCHW -> NHWC."""
+    q = np.clip(np.rint(x * np.float32(2.0**shift)), -128, 127).astype(np.int8)
+    return np.ascontiguousarray(q.transpose(0, 2, 3, 1))
+
+
+@onnx_op(
+    op_type=DEQUANTIZE,
+    domain=DOMAIN,
+    inputs=[PyCustomOpDef.dt_int8],
+    outputs=[PyCustomOpDef.dt_float],
+    attrs={"shift": PyCustomOpDef.dt_int64},
+)
+def dequantize_nhwc(q: np.ndarray, shift: int) -> np.ndarray:
+    """NHWC -> NCHW, then DequantizeLinear with scale ``2**-shift``."""
+    return np.ascontiguousarray(q.transpose(0, 3, 1, 2).astype(np.float32) * np.float32(2.0**-shift))
 
 
 def _invoke(k_id: int, feed: tuple, attributes: dict) -> tuple:

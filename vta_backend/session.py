@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from gpp_onnx.errors import UserError
 from gpp_onnx.model_io import load_model
@@ -30,13 +30,17 @@ from vta_backend.quantization import DEFAULT_QUANTIZATION, QuantizationOptions
 from vta_backend.report import VtaReport
 
 _SESSION_IDS = itertools.count()
+QUANTIZE_LINEAR_OPSET = 10  # the first opset with QuantizeLinear / DequantizeLinear
+INITIALIZERS_NEED_NO_INPUT = 4  # IR version from which an initializer need not be a graph input
 
 
 class _Rewrite:
     """The new graph being built: its nodes, its extra initializers and the int8 twins of float tensors."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, float_types: Mapping[str, str], native_borders: bool) -> None:
         self.prefix = prefix
+        self.float_types = float_types  # tensor -> "float32" / "float16"
+        self.native_borders = native_borders  # the model's opset has QuantizeLinear / DequantizeLinear
         self.zero = f"{prefix}/zero_point"
         self.nodes: list[onnx.NodeProto] = []
         self.initializers = [numpy_helper.from_array(np.array(0, np.int8), self.zero)]
@@ -50,22 +54,33 @@ class _Rewrite:
         return name
 
     def as_int8(self, tensor: str, shift: int) -> str:
-        """The channels-last int8 twin of a float NCHW tensor (quantized once, then transposed)."""
-        if tensor not in self.int8:
-            self.int8[tensor] = f"{tensor}/int8_nhwc"
+        """The channels-last int8 twin of a float NCHW tensor (a float16 one cast to float32 first)."""
+        if tensor in self.int8:
+            return self.int8[tensor]
+        self.int8[tensor] = f"{tensor}/int8_nhwc"
+        source = tensor
+        if self.float_types.get(tensor) == "float16":
+            source = f"{tensor}/float32"
+            self.nodes.append(helper.make_node("Cast", [tensor], [source], to=TensorProto.FLOAT, name=source))
+        if not self.native_borders:
             self.nodes.append(
                 helper.make_node(
-                    "QuantizeLinear",
-                    [tensor, self.scale(shift), self.zero],
-                    [f"{tensor}/int8"],
+                    ort_op.QUANTIZE,
+                    [source],
+                    [self.int8[tensor]],
                     name=f"{tensor}/quantize",
+                    domain=ort_op.DOMAIN,
+                    shift=shift,
                 )
             )
-            self.nodes.append(
-                helper.make_node(
-                    "Transpose", [f"{tensor}/int8"], [self.int8[tensor]], perm=[0, 2, 3, 1], name=f"{tensor}/to_nhwc"
-                )
+            return self.int8[tensor]
+        inputs = [source, self.scale(shift), self.zero]
+        self.nodes.append(helper.make_node("QuantizeLinear", inputs, [f"{tensor}/int8"], name=f"{tensor}/quantize"))
+        self.nodes.append(
+            helper.make_node(
+                "Transpose", [f"{tensor}/int8"], [self.int8[tensor]], perm=[0, 2, 3, 1], name=f"{tensor}/to_nhwc"
             )
+        )
         return self.int8[tensor]
 
     def vta_node(self, site: ConvSite, key: str) -> None:
@@ -82,21 +97,33 @@ class _Rewrite:
         )
 
     def as_float(self, site: ConvSite) -> None:
-        """Transpose and dequantize a VTA conv's output back to the float NCHW tensor of the original graph."""
-        output = site.output
-        self.nodes.append(
-            helper.make_node(
-                "Transpose", [self.int8[output]], [f"{output}/int8"], perm=[0, 3, 1, 2], name=f"{output}/to_nchw"
+        """Transpose and dequantize a VTA conv's output back to the float NCHW tensor of the original graph
+        (cast back to float16 where the original is)."""
+        output, shift = site.output, site.output_shift
+        target = f"{output}/float32" if self.float_types.get(output) == "float16" else output
+        if self.native_borders:
+            self.nodes.append(
+                helper.make_node(
+                    "Transpose", [self.int8[output]], [f"{output}/int8"], perm=[0, 3, 1, 2], name=f"{output}/to_nchw"
+                )
             )
-        )
-        self.nodes.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [f"{output}/int8", self.scale(site.output_shift), self.zero],
-                [output],
-                name=f"{output}/dequantize",
+            inputs = [f"{output}/int8", self.scale(shift), self.zero]
+            self.nodes.append(helper.make_node("DequantizeLinear", inputs, [target], name=f"{output}/dequantize"))
+        else:
+            self.nodes.append(
+                helper.make_node(
+                    ort_op.DEQUANTIZE,
+                    [self.int8[output]],
+                    [target],
+                    name=f"{output}/dequantize",
+                    domain=ort_op.DOMAIN,
+                    shift=shift,
+                )
             )
-        )
+        if target != output:
+            self.nodes.append(
+                helper.make_node("Cast", [target], [output], to=TensorProto.FLOAT16, name=f"{output}/cast")
+            )
 
     def model(self, original: onnx.ModelProto) -> onnx.ModelProto:
         """A copy of ``original`` with the new nodes, its initializers still read, and the new ones."""
@@ -107,10 +134,36 @@ class _Rewrite:
         if not any(o.domain == ort_op.DOMAIN for o in rewritten.opset_import):
             rewritten.opset_import.append(helper.make_opsetid(ort_op.DOMAIN, 1))
         used = {i for n in self.nodes for i in n.input}
-        still_read = [t for t in rewritten.graph.initializer if t.name in used]  # int8 weights live in the kernels
+        dropped = {t.name for t in rewritten.graph.initializer if t.name not in used}  # int8 weights: in the kernels
+        new = [t for t in self.initializers if t.name in used]
+        kept = [t for t in rewritten.graph.initializer if t.name in used]
         del rewritten.graph.initializer[:]
-        rewritten.graph.initializer.extend(still_read + self.initializers)
+        rewritten.graph.initializer.extend(kept + new)
+        inputs = [i for i in rewritten.graph.input if i.name not in dropped]  # older exports list weights as inputs
+        if rewritten.ir_version < INITIALIZERS_NEED_NO_INPUT:
+            inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in new]
+        del rewritten.graph.input[:]
+        rewritten.graph.input.extend(inputs)
         return rewritten
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _float_types(model: onnx.ModelProto) -> dict[str, str]:
+    """Every tensor whose element type shape inference knows: "float16" or "float32" (others left out)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except onnx.shape_inference.InferenceError:
+        inferred = model
+    graph = inferred.graph
+    names = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
+    return {
+        v.name: names[v.type.tensor_type.elem_type]
+        for v in (*graph.input, *graph.value_info, *graph.output)
+        if v.type.tensor_type.elem_type in names
+    }
 
 
 def rewrite(
@@ -129,7 +182,7 @@ def rewrite(
     replaced = {name for site in sites.values() for name in site.replaced}
     int8_reads = {(site.replaced[0], site.input) for site in sites.values()}  # (reader, tensor) pairs VTA serves
     int8_reads |= {(site.replaced[1], site.residual) for site in sites.values() if site.residual is not None}
-    graph, kernels = _Rewrite(prefix), {}
+    graph, kernels = _Rewrite(prefix, _float_types(model), _opset(model) >= QUANTIZE_LINEAR_OPSET), {}
     for name, node in zip(index.names, model.graph.node):
         site = sites.get(name)
         if site is None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
-from helpers import conv_model, tiny_cnn
-from onnx import numpy_helper
+from helpers import conv_model, make_model, tiny_cnn
+from onnx import TensorProto, helper, numpy_helper
 
 import gpp_onnx
 from gpp_onnx import UserError
@@ -63,25 +64,54 @@ def test_report_is_typed_and_places_every_conv():
     assert compiled.sites[1].input_shift == 3 and compiled.sites[2].input_shift == 4  # calibrated, default
 
 
+def transposed_chain(first_conv: bool, count: int) -> onnx.ModelProto:
+    """An optional 3-channel first Conv, then ``count`` 16-channel 1x1 ConvTranspose nodes."""
+    rng = np.random.default_rng(0)
+    nodes, inits, source = [], [], "x"
+    if first_conv:
+        inits.append(numpy_helper.from_array(rng.standard_normal((16, 3, 3, 3)).astype(np.float32), "w"))
+        nodes.append(helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4, name="conv0"))
+        source = "c"
+    for i in range(count):
+        inits.append(numpy_helper.from_array(rng.standard_normal((16, 16, 1, 1)).astype(np.float32), f"t{i}"))
+        nodes.append(helper.make_node("ConvTranspose", [source, f"t{i}"], [f"y{i}"], name=f"up{i}"))
+        source = f"y{i}"
+    channels = 3 if first_conv else 16
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 8, 8])],
+        [helper.make_tensor_value_info(source, TensorProto.FLOAT, [1, 16, 8, 8])],
+        inits,
+    )
+    return make_model(graph)
+
+
 def test_no_runnable_conv_names_each_reason():
-    w = np.random.default_rng(0).standard_normal((16, 3, 3, 3)).astype(np.float32)
-    same = np.random.default_rng(1).standard_normal((16, 16, 3, 3)).astype(np.float32)
-    model = conv_model([w, same], [1, 3, 8, 8], attrs=[{"pads": [1] * 4}, {"auto_pad": "SAME_UPPER"}])
     with pytest.raises(UserError) as error:
-        compile_model(model, CONFIG)
+        compile_model(transposed_chain(True, 1), CONFIG)
     message = str(error.value)
     assert message.startswith("the model has no Conv that VTA can run (conv0: first conv with 3 input channels")
-    assert "; conv1: auto_pad is not supported" in message
+    assert "; up0: ConvTranspose: VTA's conv2d schedule runs convolutions, not transposed ones" in message
 
 
 def test_no_runnable_conv_lists_the_first_five():
-    weights = [np.ones((16, 16, 3, 3), np.float32)] * 7
-    model = conv_model(weights, [1, 16, 8, 8], attrs=[{"auto_pad": "SAME_UPPER"}] * 7)
     with pytest.raises(UserError) as error:
-        compile_model(model, CONFIG)
+        compile_model(transposed_chain(False, 7), CONFIG)
     listed = str(error.value).split("(", 1)[1]
-    assert [f"conv{i}: auto_pad" in listed for i in range(7)] == [True] * 5 + [False] * 2
+    assert [f"up{i}: ConvTranspose" in listed for i in range(7)] == [True] * 5 + [False] * 2
     assert "; and 2 more)" in listed
+
+
+def test_auto_pad_becomes_the_padding_onnx_specifies(rng):
+    """SAME_UPPER puts the odd padding pixel at the end, SAME_LOWER at the start, VALID none."""
+    w = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    explicit = {"SAME_UPPER": [0, 0, 1, 1], "SAME_LOWER": [1, 1, 0, 0], "VALID": [0, 0, 0, 0]}
+    for mode, pads in explicit.items():
+        auto = conv_model([w, w], [1, 16, 8, 8], attrs=[{"pads": [1] * 4}, {"auto_pad": mode, "strides": [2, 2]}])
+        given = conv_model([w, w], [1, 16, 8, 8], attrs=[{"pads": [1] * 4}, {"pads": pads, "strides": [2, 2]}])
+        assert compile_model(auto, CONFIG).layers["conv1"].conv.pads == tuple(pads), mode
+        assert compile_model(given, CONFIG).report().cycles == compile_model(auto, CONFIG).report().cycles
 
 
 def test_kept_tiles_read_here_given_by_the_caller_or_none(rng):

@@ -1,0 +1,102 @@
+"""VtaSession on ONNX CNNs exported unlike ours: old opsets, float16, fixed batch, weights listed as
+graph inputs, every auto_pad, ConvTranspose, one input channel.
+
+Each small model, written here, is calibrated on random inputs, run through ``VtaSession`` and
+compared with plain ONNX Runtime on the same input: the largest error is at most 5 % of the
+largest output (int8 activations with power-of-two scales on two convs), every Conv and
+ConvTranspose is listed with where it runs, and the second conv runs on VTA.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from vta_backend import VTAConfig
+from vta_backend.calibration import CalibrationOptions, calibrate
+from vta_backend.session import VtaSession
+
+RELATIVE_ERROR = 0.05
+
+
+def zoo_model(
+    opset: int = 13,
+    float16: bool = False,
+    batch: int | str = "N",
+    weights_as_inputs: bool = False,
+    auto_pad: str | None = None,
+    transposed: bool = False,
+    channels: int = 3,
+) -> onnx.ModelProto:
+    """Conv(3x3) + Relu, Conv(3x3, stride 2) + Relu, [ConvTranspose], GlobalAveragePool, Flatten."""
+    rng = np.random.default_rng(0)
+    dtype, elem = (np.float16, TensorProto.FLOAT16) if float16 else (np.float32, TensorProto.FLOAT)
+    arrays = {
+        "w1": rng.standard_normal((16, channels, 3, 3)) * 0.3,
+        "b1": rng.standard_normal(16) * 0.1,
+        "w2": rng.standard_normal((32, 16, 3, 3)) * 0.1,
+        "b2": rng.standard_normal(32) * 0.1,
+    }
+    padding = {"auto_pad": auto_pad} if auto_pad else {"pads": [1, 1, 1, 1]}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", **padding),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", strides=[2, 2], **padding),
+        helper.make_node("Relu", ["c2"], ["features"]),
+    ]
+    if transposed:
+        arrays["wt"] = rng.standard_normal((32, 16, 2, 2)) * 0.1
+        nodes.append(helper.make_node("ConvTranspose", ["features", "wt"], ["up"], name="up", strides=[2, 2]))
+    nodes += [
+        helper.make_node("GlobalAveragePool", ["up" if transposed else "features"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(a.astype(dtype), name) for name, a in arrays.items()]
+    inputs = [helper.make_tensor_value_info("x", elem, [batch, channels, 16, 16])]
+    if weights_as_inputs:  # as exporters before IR version 4 wrote them
+        inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
+    graph = helper.make_graph(nodes, "zoo", inputs, [helper.make_tensor_value_info("y", elem, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 3 if opset <= 7 else 4 if opset <= 9 else 8
+    return model
+
+
+CASES = {
+    "opset 7 (IR 3)": zoo_model(opset=7),
+    "opset 9": zoo_model(opset=9),
+    "opset 13": zoo_model(),
+    "float16": zoo_model(float16=True),
+    "fixed batch 1": zoo_model(batch=1),
+    "weights as graph inputs": zoo_model(opset=9, weights_as_inputs=True),
+    "auto_pad SAME_UPPER": zoo_model(auto_pad="SAME_UPPER"),
+    "auto_pad SAME_LOWER": zoo_model(auto_pad="SAME_LOWER"),
+    "auto_pad VALID": zoo_model(auto_pad="VALID"),
+    "ConvTranspose": zoo_model(transposed=True),
+    "one input channel": zoo_model(channels=1),
+}
+
+
+@pytest.mark.parametrize("model", CASES.values(), ids=CASES.keys())
+def test_vta_session_runs_the_model_close_to_onnx_runtime(model, tmp_path):
+    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    declared = reference.get_inputs()[0]
+    shape = [d if isinstance(d, int) else 2 for d in declared.shape]
+    dtype = np.float16 if declared.type == "tensor(float16)" else np.float32
+    inputs = [np.random.default_rng(seed).standard_normal(shape).astype(dtype) for seed in range(5)]
+    options = CalibrationOptions(method="minmax", images=4 * shape[0], batch=shape[0])
+    shifts, _ = calibrate(model, ({"x": x} for x in inputs[:4]), options, data="zoo", cache_dir=tmp_path)
+    session = VtaSession(model, shifts, VTAConfig())
+    try:
+        ours = session.run(None, {"x": inputs[4]})[0]
+        placement = {p.node: p.device for p in session.report().placement}
+    finally:
+        session.close()
+    expected = reference.run(None, {"x": inputs[4]})[0]
+    assert ours.dtype == expected.dtype and ours.shape == expected.shape
+    error = np.abs(ours.astype(np.float32) - expected.astype(np.float32)).max()
+    assert error <= RELATIVE_ERROR * np.abs(expected.astype(np.float32)).max()
+    convs = [n.name for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    assert list(placement) == convs and placement["conv2"] == "vta"
