@@ -8,7 +8,7 @@ images. Host speed is measured per backend over the same batches.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +18,8 @@ import onnxruntime as ort
 from gpp_app import data
 from gpp_onnx.annotation import KeptTiles, read_kept_tiles
 from gpp_onnx.errors import UserError
+from gpp_onnx.model_io import image_dtype, load_model
 from gpp_onnx.model_io import image_input as model_image_input
-from gpp_onnx.model_io import load_model
 from gpp_onnx.normalization import normalization_for
 from gpp_onnx.progress import Track, no_progress
 from vta_backend.calibration import CalibrationOptions, calibrate
@@ -140,6 +140,26 @@ class EvalResult:
         return doc
 
 
+def fixed_batch(dims: list) -> int | None:
+    """The batch size a model's input fixes, None when it is symbolic."""
+    return dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
+
+
+def run_in_model_batches(session, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The first output for a batch of any size: cut into the session input's fixed batch size, the last
+    piece padded with zeros and the padding's outputs dropped."""
+    ((name, images),) = feeds.items()
+    batch = fixed_batch(list(session.get_inputs()[0].shape))
+    if batch is None or batch == len(images):
+        return session.run(None, feeds)[0]
+    outputs = []
+    for start in range(0, len(images), batch):
+        piece = images[start : start + batch]
+        padding = np.zeros((batch - len(piece), *piece.shape[1:]), piece.dtype)
+        outputs.append(session.run(None, {name: np.concatenate([piece, padding])})[0][: len(piece)])
+    return np.concatenate(outputs)
+
+
 @dataclass
 class _Tally:
     """Correct predictions and host time of one session."""
@@ -151,7 +171,7 @@ class _Tally:
 
     def run(self, feeds: dict[str, np.ndarray], labels: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
-        logits = self.session.run(None, feeds)[0]
+        logits = run_in_model_batches(self.session, feeds)
         self.seconds += time.perf_counter() - start
         self.images += len(labels)
         self.correct += int((logits.argmax(axis=1) == labels).sum())
@@ -206,9 +226,19 @@ def calibrate_on_data(
     options: CalibrationOptions = CalibrationOptions(),
     track: Track = no_progress,
 ) -> tuple[dict[str, int], bool]:
-    """VTA activation shifts from the train split of ``dataset`` (cached); returns ``(shifts, from_cache)``."""
-    input_name, _ = model_image_input(model)
-    feeds = data.feeds(dataset, input_name, *normalization, "train", options.batch, options.images)
+    """VTA activation shifts from the train split of ``dataset`` (cached); returns ``(shifts, from_cache)``.
+
+    A model with a fixed batch size is calibrated in batches of that size (the image count rounded
+    down to a multiple of it, at least one batch)."""
+    input_name, dims = model_image_input(model)
+    batch = fixed_batch(dims)
+    if batch is not None and batch != options.batch:
+        options = replace(options, batch=batch, images=max(batch, options.images // batch * batch))
+    dtype = image_dtype(model)
+    feeds = (
+        {name: x.astype(dtype) for name, x in feed.items()}
+        for feed in data.feeds(dataset, input_name, *normalization, "train", options.batch, options.images)
+    )
     described = data.describe_feeds(dataset, "train", *normalization)
     return calibrate(model, track(feeds, "calibrating", -(-options.images // options.batch)), options, data=described)
 
@@ -238,6 +268,7 @@ def evaluate(model_path: Path, data_path: Path, options: RunOptions, track: Trac
     dataset = data.locate(data_path)
     normalization = normalization_for(loaded.model, options.mean, options.std)
     _check_data_fits(dataset, options.split, dims, input_name)  # before calibration or any session
+    dtype = image_dtype(loaded.model)
     baseline = _baseline_tally(options.baseline)
     reference = _Tally(_ort_session(loaded.model))
     vta = calibration = None
@@ -249,7 +280,7 @@ def evaluate(model_path: Path, data_path: Path, options: RunOptions, track: Trac
     batches = data.iter_uint8(dataset, options.split, options.batch, options.limit)
     for raw, labels in track(batches, f"{options.backend} on {options.split}", -(-total // options.batch)):
         _check_fits(dims, raw, input_name)
-        feeds = {input_name: data.normalize(raw, *normalization)}
+        feeds = {input_name: data.normalize(raw, *normalization).astype(dtype)}
         reference_logits = reference.run(feeds, labels)
         if vta is not None:
             comparison.add(vta.run(feeds, labels), reference_logits)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
@@ -167,13 +168,22 @@ def single_input(model: onnx.ModelProto, purpose: str) -> onnx.ValueInfoProto:
 def image_input(
     model: onnx.ModelProto, purpose: str = "gpp-onnx expects one image input [N, C, H, W]"
 ) -> tuple[str, list]:
-    """The model's image input: its name and dims (int, or the symbolic name); one float NCHW input, else an error."""
+    """The model's image input: its name and dims (int, or the symbolic name); one float32 or float16
+    NCHW input, else an error."""
     tensor_input = single_input(model, purpose)
     tensor = tensor_input.type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim]
-    if tensor.elem_type != onnx.TensorProto.FLOAT or len(dims) != 4:
+    if tensor.elem_type not in IMAGE_DTYPES or len(dims) != 4:
         raise UserError(
             f"input '{tensor_input.name}' is not an image tensor (float [N, C, H, W]); got "
             f"{onnx.TensorProto.DataType.Name(tensor.elem_type)} {dims}"
         )
     return tensor_input.name, dims
+
+
+IMAGE_DTYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
+
+
+def image_dtype(model: onnx.ModelProto) -> type:
+    """The numpy type of the model's image input (float32 or float16)."""
+    return IMAGE_DTYPES[single_input(model, "gpp-onnx expects one image input").type.tensor_type.elem_type]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from gpp_onnx.errors import UserError
 from gpp_onnx.files import write_text
@@ -140,11 +141,13 @@ def _collect(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]], 
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             feed = next(self.feeds, None)
-            return None if feed is None else dict(feed)
+            if feed is None:
+                return None
+            return {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in feed.items()}
 
     with tempfile.TemporaryDirectory(prefix="gpp-onnx-calibration.") as tmp:
         model_path = Path(tmp) / "model.onnx"
-        onnx.save_model(model, model_path)
+        onnx.save_model(float32_copy(model), model_path)
         calibrator = create_calibrator(
             model_path,
             op_types_to_calibrate=["Conv", "Relu", "Add"],
@@ -157,6 +160,26 @@ def _collect(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]], 
             ranges = calibrator.compute_data()
         histograms = getattr(getattr(calibrator, "collector", None), "histogram_dict", None) or {}
     return ranges, histograms
+
+
+def float32_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every float16 initializer, constant, Cast target and declared tensor in float32
+    (the calibrators' histograms need float32 activations); the model itself when it has none."""
+    half, full = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph, changed = copy.graph, False
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        if value.type.tensor_type.elem_type == half:
+            value.type.tensor_type.elem_type, changed = full, True
+    for tensor in [*graph.initializer] + [a.t for n in graph.node for a in n.attribute if a.type == a.TENSOR]:
+        if tensor.data_type == half:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name))
+            changed = True
+    for attribute in (a for n in graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"):
+        if attribute.i == half:
+            attribute.i, changed = full, True
+    return copy if changed else model
 
 
 def power_of_two_shift(calibrated_range: float, histogram: tuple | None) -> int:

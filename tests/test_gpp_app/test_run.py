@@ -202,3 +202,38 @@ def test_data_of_another_size_than_the_model_input_fails_before_calibration(caps
     code, stdout, stderr = run_cli(capsys, "run", str(path), "--data", str(data_dir))
     assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
     assert "expects shape" in stderr and "Traceback" not in stdout + stderr
+
+
+def fixed_batch_model(batch: int) -> onnx.ModelProto:
+    model = tiny_cnn()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = batch
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = batch
+    return model
+
+
+def float16_model() -> onnx.ModelProto:
+    model = tiny_cnn()
+    for tensor in model.graph.initializer:
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    return model
+
+
+@pytest.mark.parametrize("backend", ["ort", "vta"])
+@pytest.mark.parametrize("variant", ["fixed batch 1", "fixed batch 4", "float16"])
+def test_models_with_a_fixed_batch_or_float16_run_on_both_backends(capsys, data_dir, tmp_path, backend, variant):
+    """Calibration and evaluation use the model's own batch size (the last batch padded) and input type;
+    the scores equal the dynamic float32 model's up to float16 rounding."""
+    model = {"fixed batch 1": fixed_batch_model(1), "fixed batch 4": fixed_batch_model(4)}.get(variant)
+    path = tmp_path / "variant.onnx"
+    onnx.save(model if model is not None else float16_model(), path)
+    plain = tmp_path / "plain.onnx"
+    onnx.save(tiny_cnn(), plain)
+    common = ["--data", str(data_dir), "--backend", backend, "--batch", "7", "--calibration-images", "20", "--json"]
+    code, stdout, stderr = run_cli(capsys, "run", str(path), *common)
+    assert code == 0, stderr
+    ours, reference = json.loads(stdout), json.loads(run_cli(capsys, "run", str(plain), *common)[1])
+    assert ours["images"] == reference["images"] == 25
+    if variant != "float16":
+        assert ours["accuracy"] == reference["accuracy"]
