@@ -15,8 +15,9 @@ always marked pruned (for free).
   closest to the target is pruned.
 
 A *layer floor* ``f`` (both scopes) protects the ``ceil(f * units)`` highest-scoring units
-of every layer, so that no layer is emptied however high the target; the achieved sparsity
-then stays below the target where the floor forbids more.
+of every layer, and unless empty layers are allowed at least its best unit, so that no layer
+is emptied however high the target (an emptied layer ignores its input); the achieved
+sparsity then stays below the target where the floor forbids more.
 
 Ties are broken by position (layer order, then unit order), so results are deterministic.
 """
@@ -52,11 +53,12 @@ def _mask(order: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
-def protected_scores(units: Units, floor: float) -> np.ndarray:
-    """The unit scores with the layer's ``ceil(floor * units)`` best units raised to +inf (never pruned);
-    units that are already all zero are never protected (they cost nothing and VTA skips them)."""
+def protected_scores(units: Units, floor: float, allow_empty: bool = False) -> np.ndarray:
+    """The unit scores with the layer's ``ceil(floor * units)`` best units - at least one unless
+    ``allow_empty`` - raised to +inf (never pruned); units that are already all zero are never
+    protected (they cost nothing and VTA skips them)."""
     score = units.score.astype(np.float64, copy=True)
-    keep = int(np.ceil(floor * score.size - 1e-9)) if floor > 0 else 0
+    keep = max(int(np.ceil(floor * score.size - 1e-9)) if floor > 0 else 0, 0 if allow_empty else 1)
     if keep:
         best = np.argsort(-score, kind="stable")[:keep]
         score[best[units.cost[best] > 0]] = np.inf
@@ -67,9 +69,11 @@ def _prunable(scores: np.ndarray) -> int:
     return int(np.isfinite(scores).sum())
 
 
-def select_per_layer(layers: list[Units], sparsity: float, floor: float = 0.0) -> list[np.ndarray]:
+def select_per_layer(
+    layers: list[Units], sparsity: float, floor: float = 0.0, allow_empty: bool = False
+) -> list[np.ndarray]:
     """Pruned-unit masks, one per layer, each layer near ``sparsity`` and the total nearest."""
-    scores = [protected_scores(u, floor) for u in layers]
+    scores = [protected_scores(u, floor, allow_empty) for u in layers]
     orders = [np.argsort(s, kind="stable") for s in scores]
     prefixes = [_prefix(u.cost[o])[: _prunable(s) + 1] for u, o, s in zip(layers, orders, scores)]
     needs = [_zeros_to_gain(u.size, u.cost, sparsity) for u in layers]
@@ -90,11 +94,13 @@ def select_per_layer(layers: list[Units], sparsity: float, floor: float = 0.0) -
     return [_mask(o, k) for o, k in zip(orders, counts)]
 
 
-def select_global(layers: list[Units], sparsity: float, floor: float = 0.0) -> list[np.ndarray]:
+def select_global(
+    layers: list[Units], sparsity: float, floor: float = 0.0, allow_empty: bool = False
+) -> list[np.ndarray]:
     """Pruned-unit masks from one ranking across layers of layer-normalised scores."""
     scores = []
     for u in layers:
-        protected, layer_mean = protected_scores(u, floor), u.l1.sum() / u.size.sum()
+        protected, layer_mean = protected_scores(u, floor, allow_empty), u.l1.sum() / u.size.sum()
         scores.append(protected / layer_mean if layer_mean > 0 else np.where(np.isinf(protected), np.inf, 0.0))
     costs = np.concatenate([u.cost for u in layers])
     sizes = np.concatenate([u.size for u in layers])

@@ -59,6 +59,7 @@ class PruneOptions:
     exclude: tuple[str, ...] = ()
     include_fc: bool = False
     layer_floor: float = 0.0  # fraction of each layer's units (the best-scoring) never pruned
+    allow_empty_layers: bool = False  # else every pruned layer keeps at least its best unit
 
     def check(self) -> list[re.Pattern[str]]:
         """Validate the options (UserError otherwise); returns the compiled exclude patterns."""
@@ -149,6 +150,7 @@ def prune(
     include_fc: bool = False,
     track: Track = no_progress,
     layer_floor: float = 0.0,
+    allow_empty_layers: bool = False,
 ) -> tuple[onnx.ModelProto, Report]:
     """Prune the conv (and with ``include_fc`` fully connected) weights of a model.
 
@@ -156,9 +158,10 @@ def prune(
     TileShape, ``"OUTxIN"`` or a hardware config with ``BLOCK_OUT`` / ``BLOCK_IN`` (a
     ``vta_backend.VTAConfig``). Returns the pruned model, carrying the sparse-tile
     annotation, and the per-layer report. ``layer_floor`` keeps that fraction of every layer's
-    units (the best-scoring) whatever the target, so no layer is emptied.
+    units (the best-scoring) whatever the target; every pruned layer keeps at least its best unit
+    (a layer of zeros ignores its input) unless ``allow_empty_layers``.
     """
-    options = PruneOptions(sparsity, pattern, scope, tile, tuple(exclude), include_fc, layer_floor)
+    options = PruneOptions(sparsity, pattern, scope, tile, tuple(exclude), include_fc, layer_floor, allow_empty_layers)
     exclude_rx = options.check()
     tile_shape, chosen_pattern = resolve_tile(tile), get_pattern(pattern)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
@@ -170,7 +173,8 @@ def prune(
     if not eligible:
         raise _no_prunable_layer(layers, reasons)
     units = [_units(layer, chosen_pattern, tile_shape) for layer in track(eligible, "scoring", len(eligible))]
-    chosen = (select_global if scope == "global" else select_per_layer)(units, float(sparsity), layer_floor)
+    select = select_global if scope == "global" else select_per_layer
+    chosen = select(units, float(sparsity), layer_floor, allow_empty_layers)
     for layer, unit, pruned_units in track(list(zip(eligible, units, chosen)), "pruning", len(eligible)):
         _zero_units(layer, unit, pruned_units, chosen_pattern, tile_shape)
     statuses = {w: ("pruned", None) if r is None else ("skipped", r) for w, r in reasons.items()}

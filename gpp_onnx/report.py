@@ -52,6 +52,9 @@ class LayerReport:
         }
 
 
+TARGET_TOLERANCE = 0.005  # achieved sparsity this close to the target counts as meeting it
+
+
 @dataclass
 class Report:
     """The per-layer report of ``prune`` and ``inspect``."""
@@ -74,6 +77,22 @@ class Report:
         params = sum(r.params for r in self.measured)
         return sum(r.zeros for r in self.measured) / params if params else 0.0
 
+    @property
+    def shortfall(self) -> float:
+        """How far the achieved sparsity stays below the target (0 when within TARGET_TOLERANCE)."""
+        if self.target_sparsity is None or self.sparsity >= self.target_sparsity - TARGET_TOLERANCE:
+            return 0.0
+        return self.target_sparsity - self.sparsity
+
+    @property
+    def short_layers(self) -> list[LayerReport]:
+        """With layer scope, the pruned layers that stay more than TARGET_TOLERANCE below the target
+        (a layer stops at whole units and keeps its best one)."""
+        if self.scope != "layer" or self.target_sparsity is None:
+            return []
+        limit = self.target_sparsity - TARGET_TOLERANCE
+        return [r for r in self.layers if r.status == "pruned" and r.sparsity < limit]
+
     def to_dict(self) -> dict[str, object]:
         """JSON form (the ``prune --json`` / ``inspect --json`` document)."""
         return {
@@ -82,6 +101,8 @@ class Report:
             "scope": self.scope,
             "target_sparsity": self.target_sparsity,
             "sparsity": self.sparsity,
+            "shortfall": self.shortfall,
+            "layers_short_of_target": [r.name for r in self.short_layers],
             "params": sum(r.params for r in self.measured),
             "zeros": sum(r.zeros for r in self.measured),
             "layers": [r.to_dict() for r in self.layers],

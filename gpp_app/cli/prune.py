@@ -48,6 +48,15 @@ def print_report(report: Report, title: str) -> None:
     counted = "pruned" if any(r.status == "pruned" for r in report.layers) else "dense"
     target = f" (target {report.target_sparsity:.1%})" if report.target_sparsity is not None else ""
     stdout.print(f"overall sparsity of the {counted} layers: {report.sparsity:.2%}{target}, tile {report.tile}")
+    if report.shortfall:
+        stdout.print(
+            f"target not met: {report.shortfall:.2%} short (every layer keeps its best unit and the layer floor; "
+            "--allow-empty-layers lets layers be zeroed)"
+        )
+    short = report.short_layers
+    if short:
+        names = ", ".join(f"{r.name} {r.sparsity:.1%}" for r in short[:5]) + (" ..." if len(short) > 5 else "")
+        stdout.print(f"{len(short)} layer(s) below the target (whole units): {names}")
 
 
 def report_output(report: Report, title: str, plot: Path | None) -> Output:
@@ -90,6 +99,12 @@ def prune(
         float,
         typer.Option("--layer-floor", help="Fraction of each layer's units (the best) never pruned, so none empties."),
     ] = PruneOptions.layer_floor,
+    allow_empty_layers: Annotated[
+        bool,
+        typer.Option(
+            "--allow-empty-layers", help="Let pruning zero a whole layer (by default each keeps its best unit)."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     plot: PlotOpt = None,
     recalibrate_data: Annotated[
@@ -107,7 +122,9 @@ def prune(
     output = output or model.with_name(model.stem + "-pruned.onnx")
     check_output_path(output, [model])
     check_plot_path(plot, [model, output])
-    options = PruneOptions(sparsity, pattern, scope, parse_tile(tile), tuple(exclude or ()), include_fc, layer_floor)
+    options = PruneOptions(
+        sparsity, pattern, scope, parse_tile(tile), tuple(exclude or ()), include_fc, layer_floor, allow_empty_layers
+    )
     report = prune_file(model, output, options, recalibrate_data, recalibrate_images, track=progress)
     return report_output(report, f"{model} -> {output}", plot)
 

@@ -92,3 +92,28 @@ def test_a_layer_floor_keeps_every_layer_alive(rng, scope):
     assert report.sparsity < 0.95  # the floor holds back part of the target
     _, unfloored = gpp_onnx.prune(model, 0.95, pattern="group", scope=scope)
     assert min(row.tiles_kept for row in unfloored.layers) < 4  # without the floor a layer nearly empties
+
+
+def test_no_layer_is_emptied_unless_allowed(rng):
+    """Block pruning at layer scope: a conv of one 16x16 channel tile keeps it (else the model would
+    ignore its input); the report says the target was missed there and by how much."""
+    stem = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)  # one channel tile
+    wide = rng.standard_normal((64, 16, 3, 3)).astype(np.float32)  # four
+    model = conv_model([stem, wide.transpose(1, 0, 2, 3).copy()], [1, 16, 8, 8])
+    pruned, report = gpp_onnx.prune(model, 0.5, pattern="block", scope="layer")
+    assert np.count_nonzero(weight(pruned, "W0")) == stem.size  # kept whole
+    assert report.short_layers[0].name == "conv0" and report.shortfall == pytest.approx(0.1)
+    assert report.to_dict()["layers_short_of_target"] == ["conv0"]
+    kept, _ = gpp_onnx.prune(model, 0.95, pattern="block", scope="layer")
+    emptied, _ = gpp_onnx.prune(model, 0.95, pattern="block", scope="layer", allow_empty_layers=True)
+    assert np.count_nonzero(weight(kept, "W0")) == stem.size and np.count_nonzero(weight(emptied, "W0")) == 0
+
+
+def test_prune_says_where_the_target_was_missed(rng, capsys, tmp_path):
+    import onnx
+    from helpers import run_cli
+
+    model = conv_model([rng.standard_normal((16, 16, 3, 3)).astype(np.float32)], [1, 16, 8, 8])
+    onnx.save(model, tmp_path / "m.onnx")
+    code, stdout, _ = run_cli(capsys, "prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "p.onnx"), "-p", "block")
+    assert code == 0 and "target not met: 50.00% short" in stdout and "1 layer(s) below the target" in stdout
