@@ -20,7 +20,7 @@ from gpp_onnx.annotation import KeptTiles, read_kept_tiles
 from gpp_onnx.errors import UserError
 from gpp_onnx.model_io import image_dtype, load_model
 from gpp_onnx.model_io import image_input as model_image_input
-from gpp_onnx.normalization import normalization_for
+from gpp_onnx.normalization import normalization_for, normalization_source
 from gpp_onnx.progress import Track, no_progress
 from vta_backend.calibration import CalibrationOptions, calibrate
 from vta_backend.config import VTAConfig
@@ -104,6 +104,7 @@ class EvalResult:
     images_per_second: float
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    normalization_source: str = ""  # where mean and std came from: given, the model's metadata, the default
     reference: Score | None = None  # ONNX Runtime fp32 on the same model (VTA backend)
     agreement: float | None = None  # top-1 agreement with the reference
     logit_difference: dict[str, float] | None = None  # max and mean |VTA - reference|
@@ -129,6 +130,7 @@ class EvalResult:
             "images_per_second": self.images_per_second,
             "mean": list(self.mean),
             "std": list(self.std),
+            "normalization_source": self.normalization_source,
         }
         for name in ("reference", "calibration", "vta", "baseline"):
             value = getattr(self, name)
@@ -291,6 +293,7 @@ def evaluate(model_path: Path, data_path: Path, options: RunOptions, track: Trac
     result = EvalResult(
         options.backend, str(model_path), dataset.describe(), options.split, reference.images, 0.0, 0.0, *normalization
     )
+    result.normalization_source = normalization_source(loaded.model, options.mean, options.std)
     return _fill(result, reference, vta, comparison, calibration, baseline, options.baseline)
 
 

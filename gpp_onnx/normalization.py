@@ -46,3 +46,11 @@ def normalization_for(
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0 or not all(math.isfinite(v) for v in (*mean, *std)):
         raise UserError("--mean and --std take three finite values each (std above 0), e.g. 0.485,0.456,0.406")
     return tuple(mean), tuple(std)
+
+
+def normalization_source(model: onnx.ModelProto, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> str:
+    """Where :func:`normalization_for` took the mean / std from, in words."""
+    if mean and std:
+        return "given (--mean / --std)"
+    stored = "the model's metadata" if read_normalization(model) else "the ImageNet default (the model stores none)"
+    return stored if not (mean or std) else f"given and {stored}"

@@ -135,7 +135,9 @@ def print_run(result) -> None:
         base = result.baseline
         table.add_row(f"baseline {base.model} (ORT fp32)", f"{base.accuracy:.2%}", f"{base.images_per_second:,.0f}")
     stdout.print(table)
-    stdout.print(f"normalisation: mean {list(result.mean)}, std {list(result.std)}")
+    stdout.print(
+        f"normalisation: mean {list(result.mean)}, std {list(result.std)} (from {result.normalization_source})"
+    )
     if result.vta is not None:
         diff, calibration = result.logit_difference, result.calibration
         stdout.print(

@@ -237,3 +237,21 @@ def test_models_with_a_fixed_batch_or_float16_run_on_both_backends(capsys, data_
     assert ours["images"] == reference["images"] == 25
     if variant != "float16":
         assert ours["accuracy"] == reference["accuracy"]
+
+
+def test_run_says_where_its_normalisation_came_from(capsys, data_dir, tmp_path):
+    bare = tiny_cnn()
+    del bare.metadata_props[:]  # no stored mean / std
+    onnx.save(bare, tmp_path / "bare.onnx")
+    onnx.save(tiny_cnn(), tmp_path / "stored.onnx")
+    sources = {}
+    for name, extra in (("bare", []), ("stored", []), ("given", ["--mean", "0.5,0.5,0.5", "--std", "0.2,0.2,0.2"])):
+        model = tmp_path / ("bare.onnx" if name == "bare" else "stored.onnx")
+        code, stdout, _ = run_cli(capsys, "run", str(model), "--data", str(data_dir), "--json", *extra)
+        assert code == 0
+        sources[name] = json.loads(stdout)["normalization_source"]
+    assert sources == {
+        "bare": "the ImageNet default (the model stores none)",
+        "stored": "the model's metadata",
+        "given": "given (--mean / --std)",
+    }
