@@ -132,15 +132,17 @@ def _measure(
 
 def _collect(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]], options: CalibrationOptions):
     """Run ONNX Runtime's calibrator over the feeds (in a temporary folder: it writes augmented
-    models there); returns its ranges and, for histogram methods, the histograms."""
+    models there), one batch at a time so that memory does not grow with the image count (its
+    ranges and histograms merge across calls); returns its ranges and, for histogram methods,
+    the histograms."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator
 
     class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.feeds = iter(feeds)
+        def __init__(self, feed: Mapping[str, np.ndarray]) -> None:
+            self.feed: Mapping[str, np.ndarray] | None = feed
 
         def get_next(self) -> dict[str, np.ndarray] | None:
-            feed = next(self.feeds, None)
+            feed, self.feed = self.feed, None
             if feed is None:
                 return None
             return {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in feed.items()}
@@ -156,7 +158,12 @@ def _collect(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]], 
             extra_options={"percentile": 99.999, "num_bins": 2048} if options.method == "percentile" else {},
         )
         with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print progress lines
-            calibrator.collect_data(Reader())
+            collected = False
+            for feed in feeds:  # one batch at a time: ranges and histograms merge, activations are dropped
+                calibrator.collect_data(Reader(feed))
+                collected = True
+            if not collected:
+                raise UserError("no calibration images; pass a data folder with train images")
             ranges = calibrator.compute_data()
         histograms = getattr(getattr(calibrator, "collector", None), "histogram_dict", None) or {}
     return ranges, histograms
