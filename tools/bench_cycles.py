@@ -1,7 +1,7 @@
 """Simulated VTA cycles of a model's compiled programs at several sparsities, against its dense program.
 
     python tools/bench_cycles.py MODEL.onnx [--sparsities 0.5,0.7,0.9] [--pattern group]
-        [--scope layer] [--board pynq] [--exclude '^/conv1/'] [--json]
+        [--scope layer] [--layer-floor 0] [--board pynq] [--exclude '^/conv1/'] [--json]
 
 For the dense model and each sparsity (pruned here, one shot): the simulated cycles of the VTA
 convs (cycle model unchanged: TVM's fitted costs), the speedup over the dense program compiled
@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--sparsities", default="0.5,0.7,0.9")
     parser.add_argument("--pattern", default="group")
     parser.add_argument("--scope", default="layer", help="layer: every conv at the sparsity, so GEMM work is (1 - s)")
+    parser.add_argument("--layer-floor", type=float, default=0.0)
     parser.add_argument("--board", default="pynq")
     parser.add_argument("--exclude", action="append", default=[])
     parser.add_argument("--json", action="store_true")
@@ -55,7 +56,12 @@ def main() -> None:
         rows.append({"weights": "per-channel" if per_channel else "per-tensor", "sparsity": 0.0, **reference})
         for sparsity in (float(s) for s in args.sparsities.split(",")):
             pruned, pruning = gpp_onnx.prune(
-                dense, sparsity, pattern=args.pattern, scope=args.scope, exclude=args.exclude
+                dense,
+                sparsity,
+                pattern=args.pattern,
+                scope=args.scope,
+                exclude=args.exclude,
+                layer_floor=args.layer_floor,
             )
             figures = measure(pruned, config, per_channel)
             rows.append(
