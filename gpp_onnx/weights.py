@@ -45,6 +45,12 @@ class StoredTensor:
         diff = np.abs(self.values.astype(np.float32) - self.zero.astype(np.float32))
         return diff if self.scale.size == 1 and self.scale.item() == 1.0 else diff * self.scale
 
+    def dequantized(self) -> np.ndarray:
+        """The float32 values the graph computes with: ``(values - zero) * scale`` (the values for floats)."""
+        if self.values.dtype.kind == "f":
+            return self.values.astype(np.float32)
+        return ((self.values.astype(np.float32) - self.zero.astype(np.float32)) * self.scale).astype(np.float32)
+
     def nonzero(self) -> np.ndarray:
         """True where an element differs from zero (the zero point)."""
         return self.values != self.zero
@@ -151,6 +157,23 @@ class GraphIndex:
         """The values of a constant tensor (initializer or Constant output), or None."""
         found = self.constant_tensor(name) if name else None
         return None if found is None else numpy_helper.to_array(found[0])
+
+    def dequantized_constant(self, name: str) -> np.ndarray | None:
+        """A constant tensor, or the float32 output of a DequantizeLinear of constants (a QDQ model's
+        bias), or None."""
+        value = self.constant_array(name)
+        if value is not None or name not in self.producer:
+            return value
+        node = self.graph.node[self.producer[name]]
+        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
+            return None
+        values, scale = self.constant_array(node.input[0]), self.constant_array(node.input[1])
+        zero = self.constant_array(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), np.int64)
+        if values is None or scale is None or zero is None:
+            return None
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        scale, zero = _broadcast_along(scale, axis, values.ndim), _broadcast_along(zero, axis, values.ndim)
+        return ((values.astype(np.float64) - zero) * scale).astype(np.float32)
 
 
 def _broadcast_along(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:

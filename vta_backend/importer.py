@@ -70,8 +70,6 @@ def unsupported_reason(
     """Why a Conv node cannot run on VTA, or None when it can."""
     if layer is None or layer.stored is None or layer.skip_reason:
         return layer.skip_reason if layer and layer.skip_reason else "weight is not a constant"
-    if layer.stored.values.dtype.kind != "f":
-        return "quantized weights; compile the float model"
     if len(layer.shape) != 4:
         return f"{len(layer.shape) - 2}-D conv; VTA runs 2-D convs"
     if in_shape is None or len(in_shape) != 4:
@@ -81,8 +79,8 @@ def unsupported_reason(
             f"first conv with {in_shape[1]} input channels: stays on the CPU, as TVM keeps it "
             f"(VTA would pad them to {config.BLOCK_IN})"
         )
-    if len(node.input) > 2 and node.input[2] and index.constant_array(node.input[2]) is None:
-        return "bias is not a constant"
+    if len(node.input) > 2 and node.input[2] and index.dequantized_constant(node.input[2]) is None:
+        return "bias is not a constant (nor a DequantizeLinear of constants)"
     if _auto_pad(node) not in AUTO_PADS:
         return f"auto_pad {_auto_pad(node)} is not an ONNX padding mode"
     return None
@@ -160,10 +158,10 @@ class _Importer:
         """The node's float weight, bias and attributes (padding for an input of ``spatial`` size) with
         its fused Add / Relu and kept-tile map."""
         assert layer.stored is not None
-        bias = self.index.constant_array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        bias = self.index.dequantized_constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         return FloatConv(
             name=name,
-            weight=layer.stored.values.astype("float32"),
+            weight=layer.stored.dequantized(),  # a QDQ model's int8 weight, dequantized (VTA re-quantizes it)
             bias=bias,
             stride=tuple(node_attribute(node, "strides", [1, 1])),  # type: ignore[arg-type]
             pads=explicit_pads(node, spatial, layer.shape[2:]),
@@ -185,8 +183,8 @@ def extract_convs(
     quantization: QuantizationOptions = DEFAULT_QUANTIZATION,
     kept: KeptTiles | None = None,
 ) -> list[ConvSite]:
-    """Every Conv and ConvTranspose node of the model in graph order, as a VTA conv or with the reason
-    it is not one.
+    """Every Conv node of the model in graph order, as a VTA conv or with the reason it is not one,
+    and the other conv nodes (ConvTranspose, QLinearConv, ConvInteger) with theirs.
 
     ``activation_shifts`` maps tensor names to their power-of-two shifts (from calibration);
     ``kept`` is the validated annotation (None: dense, only all-zero tiles are skipped).
@@ -200,12 +198,19 @@ def extract_convs(
             continue
         if node.op_type == "Conv":
             sites.append(importer.site(name, node))
-        elif node.op_type == "ConvTranspose":
-            sites.append(ConvSite(name, node.input[0], node.output[0], None, None, TRANSPOSED, replaced=(name,)))
+        elif node.op_type in OTHER_CONVS:
+            reason = OTHER_CONVS[node.op_type]
+            sites.append(ConvSite(name, node.input[0], node.output[0], None, None, reason, replaced=(name,)))
     return sites
 
 
-TRANSPOSED = "ConvTranspose: VTA's conv2d schedule runs convolutions, not transposed ones; stays on the CPU"
+OTHER_CONVS = {  # conv nodes listed with why they stay on the CPU
+    "ConvTranspose": "ConvTranspose: VTA's conv2d schedule runs convolutions, not transposed ones; stays on the CPU",
+    "QLinearConv": "QLinearConv (an integer conv with its own zero points) is not mapped to VTA; stays on the CPU "
+    "(export the model in QDQ format: its convs run on VTA)",
+    "ConvInteger": "ConvInteger (dynamically quantized) is not mapped to VTA; stays on the CPU "
+    "(export the float or QDQ model: its convs run on VTA)",
+}
 
 
 def _sole_reader(index: GraphIndex, tensor: str) -> onnx.NodeProto | None:

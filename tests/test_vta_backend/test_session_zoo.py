@@ -100,3 +100,42 @@ def test_vta_session_runs_the_model_close_to_onnx_runtime(model, tmp_path):
     assert error <= RELATIVE_ERROR * np.abs(expected.astype(np.float32)).max()
     convs = [n.name for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
     assert list(placement) == convs and placement["conv2"] == "vta"
+
+
+def quantized(model: onnx.ModelProto, tmp_path, quant_format) -> onnx.ModelProto:
+    """The model quantized by onnxruntime.quantization (its convs only), as third-party int8 models are."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            rng = np.random.default_rng(7)
+            self.feeds = iter([{"x": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    source, target = tmp_path / "float.onnx", tmp_path / "int8.onnx"
+    onnx.save(model, source)
+    quantize_static(source, target, Reader(), quant_format=quant_format, op_types_to_quantize=["Conv"])
+    return onnx.load(target)
+
+
+def test_a_qdq_model_runs_on_vta_from_its_dequantized_weights_and_bias(tmp_path):
+    """QDQ format: int8 weights and an int32 bias behind DequantizeLinear; VTA re-quantizes the
+    dequantized weights to its power-of-two scales."""
+    from onnxruntime.quantization import QuantFormat
+
+    model = quantized(zoo_model(transposed=True), tmp_path, QuantFormat.QDQ)
+    assert [n.op_type for n in model.graph.node].count("DequantizeLinear") >= 4  # weights and biases
+    test_vta_session_runs_the_model_close_to_onnx_runtime(model, tmp_path)
+
+
+def test_qlinearconv_is_listed_with_its_reason(tmp_path):
+    from onnxruntime.quantization import QuantFormat
+
+    from gpp_onnx import UserError
+    from vta_backend.model import compile_model
+
+    model = quantized(zoo_model(), tmp_path, QuantFormat.QOperator)
+    with pytest.raises(UserError, match=r"conv1_quant: QLinearConv .* is not mapped to VTA.*QDQ format"):
+        compile_model(model, VTAConfig())
