@@ -174,7 +174,7 @@ class _UopTable:
         rows = np.array(self.rows, np.int64).reshape(-1, 3)
         if len(rows) > config.uop_depth:
             raise CompileError(
-                f"layer {conv.name}: needs {len(rows)} micro-ops, more than the "
+                f"layer {conv.name}: needs {len(rows)} micro-ops (on {config.BOARD}), more than the "
                 f"{config.uop_depth} of the micro-op buffer; use a VTA config with a larger LOG_UOP_BUFF_SIZE"
             )
         try:
@@ -183,11 +183,13 @@ class _UopTable:
             raise CompileError(f"layer {conv.name}: {exc}") from None
 
 
-def hazard_free_order(uops: list[tuple[int, int, int]], scratch: list[int]) -> tuple[list[tuple[int, int, int]], int]:
-    """Reorder a micro-op list (run once, no loop) so no accumulator row is written twice within
-    HAZARD_DISTANCE consecutive executions: always the row with the most micro-ops left among those
-    not written recently, else a micro-op into a ``scratch`` row. Returns the list and the scratch
-    micro-ops added."""
+def hazard_free_order(
+    uops: list[tuple[int, int, int]], scratch: list[int]
+) -> tuple[list[tuple[int, int, int]], int] | None:
+    """Reorder a micro-op list so no accumulator row is written twice within HAZARD_DISTANCE
+    consecutive micro-ops: always the row with the most micro-ops left among those not written
+    recently, else a micro-op into a ``scratch`` row. Returns the list and the scratch micro-ops
+    added; None when it needs a scratch row and ``scratch`` is empty."""
     pending: dict[int, deque[tuple[int, int, int]]] = {}
     for uop in uops:
         pending.setdefault(uop[0], deque()).append(uop)
@@ -201,9 +203,11 @@ def hazard_free_order(uops: list[tuple[int, int, int]], scratch: list[int]) -> t
             order.append(pending[row].popleft())
             if not pending[row]:
                 del pending[row]
-        else:
+        elif scratch:
             order.append((next(r for r in scratch if r not in recent), uops[0][1], uops[0][2]))
             padding += 1
+        else:
+            return None
     return order, padding
 
 
@@ -246,8 +250,15 @@ def compile_conv(conv: QuantConv, in_shape: tuple[int, int, int], config: VTACon
     if max(conv.pads) > PAD_LIMIT:
         raise CompileError(f"layer {conv.name}: padding {max(conv.pads)} exceeds the LOAD pad field limit {PAD_LIMIT}")
     density = float(issued_tiles(conv, config)[group].mean()) if conv.weight.size else 1.0
-    candidates = [_build(conv, g, config, t, group) for t in choose_tilings(conv, g, config, density, CANDIDATES)]
-    return min(candidates, key=lambda program: simulate_timing(program.insns, config).cycles)
+    built, errors = [], []
+    for tiling in choose_tilings(conv, g, config, density, CANDIDATES):
+        try:
+            built.append(_build(conv, g, config, tiling, group))
+        except CompileError as exc:  # e.g. more micro-ops than the buffer holds: another tiling may fit
+            errors.append(exc)
+    if not built:
+        raise errors[0]
+    return min(built, key=lambda program: simulate_timing(program.insns, config).cycles)
 
 
 def _build(conv: QuantConv, g: Geometry, config: VTAConfig, tiling: Tiling, group: int) -> Program:
@@ -460,22 +471,29 @@ class _ProgramBuilder:
     def _gemm(
         self, block: _Block, taps: list[tuple[int, int, int]], src_strides: tuple[int, int], deps: Deps
     ) -> GemmInsn:
-        """A GEMM over the block's pixels whose micro-op list covers a sub-block of pixels per tap
-        (output-channel tile, input base, weight slot), so that no accumulator row is written twice
-        within HAZARD_DISTANCE consecutive executions; blocks too small for that are separated by
-        micro-ops writing scratch rows."""
-        kr, kc = sub_block(block.rb, block.cb)
+        """A GEMM over the block's pixels in which no accumulator row is written twice within
+        HAZARD_DISTANCE consecutive executions. Its micro-op list holds the taps (output-channel tile,
+        input base, weight slot) of one pixel, interleaving output-channel tiles, where that suffices
+        (every loop iteration then moves to another pixel); else it covers a sub-block of pixels per
+        tap, and blocks too small for that separate repeats by micro-ops writing scratch rows."""
         src_row, src_col = src_strides
+        self.last_padding = 0
+        interleaved = hazard_free_order([(block.acc_base + o * block.pixels, src, wgt) for o, src, wgt in taps], [])
+        if interleaved is not None and block.pixels > 1:
+            begin, end = self.uops.add(interleaved[0])
+            return GemmInsn(False, begin, end, block.rb, block.cb, block.cb, 1, src_row, src_col, deps=deps)
+        kr, kc = sub_block(block.rb, block.cb)
         uops = [
             (block.acc_base + o * block.pixels + r * block.cb + c, src + r * src_row + c * src_col, wgt)
             for o, src, wgt in taps
             for r in range(kr)
             for c in range(kc)
         ]
-        self.last_padding = 0
         if kr * kc < HAZARD_DISTANCE:
             scratch = block.acc_base + self.layout.scratch_offset
-            uops, self.last_padding = hazard_free_order(uops, list(range(scratch, scratch + self.layout.scratch)))
+            ordered = hazard_free_order(uops, list(range(scratch, scratch + self.layout.scratch)))
+            assert ordered is not None  # with scratch rows every list can be ordered
+            uops, self.last_padding = ordered
             self.counts["gemm_uops_padding"] += self.last_padding
         begin, end = self.uops.add(uops)
         return GemmInsn(

@@ -351,7 +351,8 @@ def choose_tilings(
             return sorted(variants, key=lambda t: estimate_cycles(conv, g, config, t, density))[:count]
     smallest = AccLayout.of(conv, g, Tiling(1, 1, 1, False)).total
     raise CompileError(
-        f"layer {conv.name}: does not fit VTA's buffers even one output pixel and one channel tile at a time "
+        f"layer {conv.name}: does not fit VTA's buffers ({config.BOARD}) even one output pixel and one channel "
+        "tile at a time "
         f"(needs {input_half(conv, 1, 1, 1)} of {config.inp_depth} input vectors, {g.positions} of {config.wgt_depth} "
         f"weight tiles, {smallest} of {config.acc_depth} accumulator vectors); "
         "use a VTA config with larger buffers"

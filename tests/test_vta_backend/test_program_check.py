@@ -101,3 +101,17 @@ def test_one_pixel_outputs_are_separated_by_scratch_micro_ops():
     assert program.stats["gemm_uops_padding"] > 0
     for rows in gemm_row_sequences(program):
         assert all(rows[t] not in rows[max(0, t - 2) : t] for t in range(1, len(rows)))
+
+
+def test_a_wide_pruned_conv_fits_the_micro_op_buffer_hazard_free():
+    """512 channels at 7x7, half the tiles pruned: interleaving output-channel tiles in the micro-op
+    list keeps it one entry per tap (covering sub-blocks of pixels instead would need 7 per tap)."""
+    rng = np.random.default_rng(0)
+    kept = rng.random((1, 32, 32, 9)) >= 0.5
+    element = kept[0].repeat(16, axis=0).repeat(16, axis=1).reshape(512, 512, 3, 3)
+    weight = np.where(element, rng.integers(1, 128, (512, 512, 3, 3)), 0).astype(np.int8)
+    conv = QuantConv("wide", weight, pads=(1, 1, 1, 1), shift=10, kept=kept)
+    program = compile_conv(conv, (512, 7, 7), CONFIG)
+    assert len(program.uops) <= CONFIG.uop_depth
+    for rows in gemm_row_sequences(program):
+        assert all(rows[t] not in rows[max(0, t - 2) : t] for t in range(1, len(rows)))

@@ -21,20 +21,20 @@ def test_hand_calculation_of_a_1x1_conv():
     conv = QuantConv("tiny", np.ones((16, 16, 1, 1), np.int8), shift=4)
     program = compile_conv(conv, (16, 2, 2), CONFIG)
     timing = simulate_timing(program.insns, CONFIG)
-    # compute: LOAD UOP (6 uops: reset, the 2x2 pixels of the GEMM list, bias ADD = 24 B = 3 beats) 153,
-    # LOAD ACC bias (64 B = 8 beats) 158, reset GEMM 80+4
-    compute_ready = 153 + 158 + 84  # 395
+    # compute: LOAD UOP (2 uops: the reset's, equal to the GEMM's one tap, and the bias ADD's = 8 B = 1 beat)
+    # 151, LOAD ACC bias (64 B = 8 beats) 158, reset GEMM 80+4
+    compute_ready = 151 + 158 + 84  # 393
     # load: LOAD INP (4 vectors x 16 B = 8 beats) 158, LOAD WGT (256 B = 32 beats) 182 -> token at 340
-    gemm_end = max(compute_ready, 158 + 182) + 80 + 4  # 479
+    gemm_end = max(compute_ready, 158 + 182) + 80 + 4  # 477
     # ALU: ADD with the bias tensor 46+2*4, SHR/MIN/MAX with immediates 46+4 each
-    alu_end = gemm_end + 54 + 50 * 3  # 683
+    alu_end = gemm_end + 54 + 50 * 3  # 681
     store_end = alu_end + 150 + 8  # STORE 4 vectors x 16 B = 8 beats
-    assert timing.cycles == store_end == 841
+    assert timing.cycles == store_end == 839
     assert timing.busy == {
         "load_inp": 158,
         "load_wgt": 182,
         "load_acc": 158,
-        "load_uop": 153,
+        "load_uop": 151,
         "gemm": 168,
         "alu": 204,
         "store": 158,
