@@ -3,7 +3,8 @@
 Both reference binaries are built from VTA's sources into a temporary folder: the functional
 simulator (`vta_fsim_run`, relocating each buffer as VTA's runtime does) and a C simulation of
 the Xilinx HLS design (`vta_hls_csim`, one pointer per port). Every program of a small net
-(stride 2, a fused residual Add, channel counts that are not multiples of 16) - dense and
+(stride 2, a fused residual Add, channel counts that are not multiples of 16, blocks of one to
+three output-channel tiles: both hazard-free micro-op orders) - dense and
 group-pruned, per-tensor and per-channel, default and small buffers - must give the same bytes
 on both as in our simulator, and the fsim's profiler must count the GEMM micro-ops ours does.
 The inputs are built from summary.json alone, as a host runtime would.
@@ -37,7 +38,7 @@ SMALL_BUFFERS = "configs/smallbuf.json"
 
 
 def small_net(seed: int = 0) -> onnx.ModelProto:
-    """20 -> 24 (3x3) -> 24 (3x3, stride 2) -> 24 (3x3) + Add(shortcut) + Relu -> 40 (1x1, stride 2)."""
+    """20 -> 24 (3x3) -> 48 (3x3, stride 2) -> 48 (3x3) + Add(shortcut) + Relu -> 40 (1x1, stride 2)."""
     rng = np.random.default_rng(seed)
     inits = []
 
@@ -51,12 +52,12 @@ def small_net(seed: int = 0) -> onnx.ModelProto:
     nodes = [
         conv("a", 20, 24, 3, 1, "x", "a.out"),
         helper.make_node("Relu", ["a.out"], ["a.relu"]),
-        conv("b", 24, 24, 3, 2, "a.relu", "b.out"),
+        conv("b", 24, 48, 3, 2, "a.relu", "b.out"),
         helper.make_node("Relu", ["b.out"], ["b.relu"]),
-        conv("c", 24, 24, 3, 1, "b.relu", "c.out"),
+        conv("c", 48, 48, 3, 1, "b.relu", "c.out"),
         helper.make_node("Add", ["c.out", "b.relu"], ["c.add"]),
         helper.make_node("Relu", ["c.add"], ["c.relu"]),
-        conv("d", 24, 40, 1, 2, "c.relu", "y"),
+        conv("d", 48, 40, 1, 2, "c.relu", "y"),
     ]
     graph = helper.make_graph(
         nodes,
