@@ -51,17 +51,16 @@ from vta_backend.isa import (
 from vta_backend.layout import ceil_div, pack_weights
 from vta_backend.program_check import check_program
 from vta_backend.quant import QuantConv
+from vta_backend.residual import ResidualAlignment, requantization_shifts
 from vta_backend.tiling import (
     HAZARD_DISTANCE,
     AccLayout,
     CompileError,
     Geometry,
-    ResidualAlignment,
     Tiling,
     choose_tilings,
     geometry,
     input_half,
-    requantization_shifts,
     sub_block,
     window,
 )

@@ -21,6 +21,7 @@ from vta_backend.cost import alu_cycles, dma_cycles, element_bytes, gemm_cycles
 from vta_backend.isa import LOOP_ITER_WIDTH, MemType
 from vta_backend.layout import ceil_div
 from vta_backend.quant import QuantConv
+from vta_backend.residual import ResidualAlignment, requantization_shifts
 
 ITER_LIMIT = (1 << LOOP_ITER_WIDTH) - 1
 
@@ -102,53 +103,7 @@ def geometry(conv: QuantConv, in_shape: tuple[int, int, int], config: VTAConfig)
     return Geometry(c, h, w, oc, oh, ow, kh, kw, ceil_div(c, config.BLOCK_IN), ceil_div(oc, config.BLOCK_OUT))
 
 
-RESIDUAL_WEIGHT_EXPONENT = 6  # 2**6 = 64: the largest power of two an int8 weight holds
 HAZARD_DISTANCE = 3  # no accumulator row may be written twice within this many GEMM micro-op executions
-
-
-@dataclass(frozen=True)
-class ResidualAlignment:
-    """How a fused residual joins the sum: the int8 residual goes through a GEMM with a diagonal weight
-    tile of ``2**exponents[c]`` per channel, either after the requantization shift or before it.
-
-    With ``r`` the requantization shift, ``a = r + d`` the residual's alignment (``d = s_out - s_res``,
-    one value for every channel) and ``X`` the conv plus bias and rounding, VTA must compute
-    ``floor((X + res * 2**a) / 2**r)``. Exactly the same integer is
-
-    * ``floor(X / 2**r) + res * 2**d`` for ``0 <= d <= 6``: requantization SHR by ``r``, then the
-      residual GEMM with weights ``2**d``;
-    * ``floor((floor(X / 2**a) + res) / 2**-d)`` for ``d < 0`` and every ``a >= 0``: SHR by ``a``,
-      the residual GEMM with weights 1, then SHR by ``-d`` (immediate);
-
-    so the residual joins *after* the shift with no per-channel alignment pass. Otherwise it joins
-    before the conv's GEMMs: weights ``2**(a - min a)``, then SHR by ``-min a`` (immediate), or,
-    where the alignments span more than an int8 weight holds, by per-channel vectors."""
-
-    exponents: np.ndarray  # per output channel
-    shift: int | None  # SHR immediate after the residual GEMM (negative: left); None: per-channel tensor SHR
-    after_requantization: bool
-    requantization_shifts: np.ndarray  # per output channel: the requantization SHR before MIN / MAX
-
-    @classmethod
-    def of(cls, conv: QuantConv) -> "ResidualAlignment | None":
-        """The alignment of ``conv``'s fused residual, None without one."""
-        if conv.residual_shift is None:
-            return None
-        a, r = conv.residual_shifts(), conv.shifts()
-        d = np.unique(a - r)
-        if d.size == 1 and 0 <= d[0] <= RESIDUAL_WEIGHT_EXPONENT:
-            return cls(np.full_like(a, d[0]), 0, True, r)
-        if d.size == 1 and d[0] < 0 and a.min() >= 0:
-            return cls(np.zeros_like(a), -int(d[0]), True, a)
-        if a.max() - a.min() <= RESIDUAL_WEIGHT_EXPONENT:
-            return cls(a - a.min(), -int(a.min()), False, r)
-        return cls(np.zeros_like(a), None, False, r)
-
-
-def requantization_shifts(conv: QuantConv) -> np.ndarray:
-    """Per output channel, the shift of the requantization SHR (see :class:`ResidualAlignment`)."""
-    alignment = ResidualAlignment.of(conv)
-    return conv.shifts() if alignment is None else alignment.requantization_shifts
 
 
 def vector_kinds(conv: QuantConv, bias_by_gemm: bool) -> tuple[str, ...]:
