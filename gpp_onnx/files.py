@@ -8,6 +8,7 @@ new file, not the 0600 of a temporary file.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -94,3 +95,14 @@ def publish(tmp_file: Path, destination: Path) -> None:
     """Move a file written in a staging folder onto ``destination`` with the umask's permissions."""
     os.chmod(tmp_file, 0o666 & ~_umask())
     os.replace(tmp_file, destination)
+
+
+def read_json(path: Path, missing: str, unreadable: str) -> object:
+    """The JSON document in ``path``; UserError ``missing`` when there is no such file, and
+    ``unreadable`` followed by the cause when it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(missing) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{unreadable} ({exc})") from None

@@ -7,13 +7,13 @@ the raw OUT buffer VTA would write.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from gpp_onnx.errors import UserError
+from gpp_onnx.files import read_json
 from vta_backend.bundle import FORMAT, SUMMARY, VERSION
 from vta_backend.config import VTAConfig
 from vta_backend.isa import MemType
@@ -44,12 +44,8 @@ class BundleProgram:
 
 def _summary(folder: Path) -> dict:
     path = folder / SUMMARY
-    try:
-        summary = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{folder} holds no {SUMMARY}; pass a folder written by gpp-onnx compile") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not readable JSON ({exc}); re-run gpp-onnx compile") from None
+    missing = f"{folder} holds no {SUMMARY}; pass a folder written by gpp-onnx compile"
+    summary = read_json(path, missing, f"{path} is not readable JSON; re-run gpp-onnx compile")
     if not isinstance(summary, dict) or summary.get("format") != FORMAT or summary.get("version") != VERSION:
         raise UserError(f"{path} is not a version-{VERSION} program bundle; re-run gpp-onnx compile")
     return summary

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from gpp_onnx.errors import UserError
+from gpp_onnx.files import read_json
 from gpp_onnx.tiles import DEFAULT_BLOCK
 
 BOARDS: dict[str, tuple[float, int, str]] = {
@@ -80,12 +80,8 @@ class VTAConfig:
     def from_json(cls, path: str | Path) -> "VTAConfig":
         """Load a ``vta_config.json``; unknown keys are an error."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"VTA config {path} does not exist; pass an existing JSON file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UserError(f"VTA config {path} is not readable JSON ({exc})") from None
+        missing = f"VTA config {path} does not exist; pass an existing JSON file"
+        data = read_json(path, missing, f"VTA config {path} is not readable JSON")
         return cls.from_dict(data, str(path))
 
     @classmethod
