@@ -2,25 +2,30 @@
 
 The schedule (as TVM's VTA conv2d schedule does it) tiles the output into blocks of
 ``oc_block`` output-channel tiles x ``rows`` x ``cols`` pixels (:mod:`vta_backend.tiling`
-chooses them). For every block and every input-channel tile that has at least one issued
-weight tile in the block (a *step*):
+ranks the tilings; the four best are built and the fastest in the cycle model is kept). For
+every block and every input-channel tile that has at least one issued weight tile in the
+block (a *step*):
 
 * load module: LOAD INP of the input window (spatial padding through the pad fields),
   LOAD WGT of the block's issued weight tiles for that input-channel tile;
-* compute module: one GEMM whose micro-ops are the issued tiles (output-channel tile,
-  kernel position); ``iter_out`` / ``iter_in`` walk the block's output rows and columns.
+* compute module: one GEMM over the issued tiles (output-channel tile, kernel position) and
+  the block's pixels, its micro-ops ordered so that no accumulator row is written twice within
+  three consecutive executions (the HLS design's pipelined GEMM does not forward them).
 
-Per block the compute module also resets the accumulators, loads the bias vectors
-(bias plus rounding constant, and per-channel shifts), and runs the requantization ALU
-ops (ADD, SHR, MIN, MAX); the store module writes the int8 block out. Input, weight and
-accumulator buffers are split in two halves (double buffering) when they fit, so loads,
-GEMMs and stores overlap, synchronised by dependency tokens.
+Per block the compute module also resets the accumulators, adds the bias (a GEMM of a
+constant input vector, or an ALU ADD of bias vectors loaded once per program or per block),
+adds a fused residual (a GEMM of the int8 residual from the input buffer, before or after
+the shift: :mod:`vta_backend.residual`), and runs the requantization ALU ops (SHR, MIN,
+MAX); the store module writes the int8 block out. Input, weight and accumulator buffers are
+split in two halves (double buffering) when they fit, so loads, GEMMs and stores overlap,
+synchronised by dependency tokens. Every program passes :mod:`vta_backend.program_check`.
 
 A tile is *issued* when the annotation keeps it and it holds a nonzero weight: pruned
 tiles - and tiles that are all zero after quantization - are neither stored in the
 weight image, loaded, nor issued as micro-ops. The weight image in DRAM holds the issued
 OIHW16o16i tiles in step order (oc block, ic tile, oc tile, kernel position), so each
-step's weights are one contiguous LOAD.
+step's weights are one contiguous LOAD; the residual's diagonal tiles and the bias tiles
+follow their block's.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from vta_backend.isa import (
     encode_uops,
 )
 from vta_backend.layout import ceil_div, pack_weights
-from vta_backend.program_check import check_program
+from vta_backend.program_check import ProgramCheckError, check_program
 from vta_backend.quant import QuantConv
 from vta_backend.residual import ResidualAlignment, requantization_shifts
 from vta_backend.tiling import (
@@ -82,7 +87,7 @@ class Program:
     insns: list[Insn]
     uops: np.ndarray  # uint32 DRAM image of the micro-ops
     weights: np.ndarray  # int8 [tiles, BLOCK_OUT, BLOCK_IN]: issued tiles in step order
-    acc_image: np.ndarray  # int32 [vectors, BLOCK_OUT]: bias+rounding per oc tile, then shifts
+    acc_image: np.ndarray  # int32 [vectors, BLOCK_OUT]: per vector kind of the layout, one per oc tile
     constants: np.ndarray  # int8 [vectors, BLOCK_IN]: input vectors the program needs (the bias GEMM's)
     issued: np.ndarray  # bool [OT, IT, P]: tiles issued
     tiles: np.ndarray  # int8 [OT, IT, P, BLOCK_OUT, BLOCK_IN]: the group's packed weight (OIHW16o16i)
@@ -131,7 +136,7 @@ class Program:
 
     @property
     def residual_path(self) -> str | None:
-        """How the fused residual joins: an identity GEMM of the int8 residual from the input buffer,
+        """How the fused residual joins: a GEMM of the int8 residual from the input buffer (diagonal tiles),
         after or before the requantization shift, with the SHR its alignment needs (None: no residual)."""
         alignment = ResidualAlignment.of(self.conv)
         if alignment is None:
@@ -246,6 +251,11 @@ def issued_tiles(conv: QuantConv, config: VTAConfig) -> np.ndarray:
 def compile_conv(conv: QuantConv, in_shape: tuple[int, int, int], config: VTAConfig, group: int = 0) -> Program:
     """Compile conv group ``group`` for an input of ``in_shape`` = (channels of the group, H, W)."""
     g = geometry(conv, in_shape, config)
+    if conv.residual_shift is not None and config.BLOCK_IN != config.BLOCK_OUT:
+        raise CompileError(
+            f"layer {conv.name}: a fused Add needs square tiles (the residual goes through the input buffer), "
+            f"the config has {config.BLOCK_OUT}x{config.BLOCK_IN}; leave the Add unfused"
+        )
     if max(conv.pads) > PAD_LIMIT:
         raise CompileError(f"layer {conv.name}: padding {max(conv.pads)} exceeds the LOAD pad field limit {PAD_LIMIT}")
     density = float(issued_tiles(conv, config)[group].mean()) if conv.weight.size else 1.0
@@ -253,7 +263,9 @@ def compile_conv(conv: QuantConv, in_shape: tuple[int, int, int], config: VTACon
     for tiling in choose_tilings(conv, g, config, density, CANDIDATES):
         try:
             built.append(_build(conv, g, config, tiling, group))
-        except CompileError as exc:  # e.g. more micro-ops than the buffer holds: another tiling may fit
+        except ProgramCheckError:
+            raise  # a rule the hardware needs is broken: a compiler fault, not a tiling that does not fit
+        except CompileError as exc:  # more micro-ops than the buffer holds, a field too narrow: another may fit
             errors.append(exc)
     if not built:
         raise errors[0]
@@ -381,7 +393,7 @@ class _ProgramBuilder:
     def _emit_residual(self, block: _Block, alignment: ResidualAlignment) -> None:
         """The fused Add, as a step: LOAD INP of the int8 residual block (it follows the input in the
         input buffer), LOAD WGT of diagonal tiles ``2**exponent``, their GEMM into the outputs; then
-        the ALU SHR the alignment needs (see :class:`~vta_backend.tiling.ResidualAlignment`)."""
+        the ALU SHR the alignment needs (see :class:`~vta_backend.residual.ResidualAlignment`)."""
         inp_base, _ = self._halves()
         loads = [
             MemInsn(
@@ -428,7 +440,7 @@ class _ProgramBuilder:
         lanes = np.zeros(g.oc_tiles * c.BLOCK_OUT, np.int64)
         lanes[: g.out_channels] = self.conv.bias_with_rounding()[self.channels]
         weights = bias_weights(lanes, c.BLOCK_IN)
-        assert weights is not None  # choose_tiling set bias_by_gemm only where every bias is representable
+        assert weights is not None  # choose_tilings sets bias_by_gemm only where every bias is representable
         return weights.reshape(g.oc_tiles, c.BLOCK_OUT, c.BLOCK_IN)
 
     def _diagonal_tiles(self, block: _Block, alignment: ResidualAlignment) -> list[np.ndarray]:

@@ -140,7 +140,7 @@ class _Importer:
         if site.reason is not None:
             return site
         assert layer is not None and layer.stored is not None and in_shape is not None
-        fused = fusion(self.index, node.output[0], self.shapes)
+        fused = fusion(self.index, node.output[0], self.shapes, self.config.BLOCK_IN == self.config.BLOCK_OUT)
         float_conv = self.float_conv(name, node, layer, fused, (in_shape[2], in_shape[3]))
         site.conv = quantize_conv(float_conv, self.shifts, self.quantization)
         site.in_shape = (in_shape[1], in_shape[2], in_shape[3])
@@ -220,11 +220,18 @@ def _sole_reader(index: GraphIndex, tensor: str) -> onnx.NodeProto | None:
     return None
 
 
-def fusion(index: GraphIndex, conv_output: str, shapes: Mapping[str, tuple[int, ...]]) -> Fusion:
-    """Conv + Add(residual of the same shape) + Relu, Conv + Add, Conv + Relu, or the conv alone."""
+def fusion(index: GraphIndex, conv_output: str, shapes: Mapping[str, tuple[int, ...]], add: bool = True) -> Fusion:
+    """Conv + Add(residual of the same shape) + Relu, Conv + Add, Conv + Relu, or the conv alone;
+    no Add unless ``add`` (VTA adds a residual through the input buffer: square tiles only)."""
     fused = Fusion(conv_output)
     reader = _sole_reader(index, conv_output)
-    if reader is not None and reader.op_type == "Add" and reader.domain in ("", "ai.onnx") and len(reader.input) == 2:
+    if (
+        add
+        and reader is not None
+        and reader.op_type == "Add"
+        and reader.domain in ("", "ai.onnx")
+        and len(reader.input) == 2
+    ):
         other = reader.input[1] if reader.input[0] == conv_output else reader.input[0]
         if other != conv_output and shapes.get(other) is not None and shapes.get(other) == shapes.get(conv_output):
             fused = Fusion(reader.output[0], other, False, (index.names[_node_index(index, reader)],))

@@ -11,7 +11,7 @@ The compiler runs :func:`check_program` on every program it produces:
 * **Buffer bounds.** Every SRAM index a LOAD, STORE, GEMM or ALU instruction touches lies in its
   buffer, and every micro-op range lies in the micro-ops loaded.
 
-A failure is a :class:`~vta_backend.tiling.CompileError` naming the layer, the instruction,
+A failure is a :class:`ProgramCheckError` (a CompileError) naming the layer, the instruction,
 the board and the limit.
 """
 
@@ -22,6 +22,10 @@ import numpy as np
 from vta_backend.config import VTAConfig
 from vta_backend.isa import AluInsn, GemmInsn, Insn, MemInsn, MemType, Opcode, decode_program, decode_uops
 from vta_backend.tiling import HAZARD_DISTANCE, CompileError
+
+
+class ProgramCheckError(CompileError):
+    """A compiled program breaks a rule the hardware needs (a compiler fault, never retried)."""
 
 
 def executed_rows(insn: GemmInsn | AluInsn, dst: np.ndarray) -> np.ndarray:
@@ -110,4 +114,6 @@ def check_program(name: str, binary: bytes, uop_words: np.ndarray, config: VTACo
         elif isinstance(insn, (GemmInsn, AluInsn)):
             problem = _compute_problem(insn, uops, loaded, config)
         if problem is not None:
-            raise CompileError(f"layer {name}: instruction {index} {problem}; the {config.BOARD} board cannot run it")
+            raise ProgramCheckError(
+                f"layer {name}: instruction {index} {problem}; the {config.BOARD} board cannot run it"
+            )

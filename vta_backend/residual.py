@@ -25,7 +25,9 @@ class ResidualAlignment:
     * ``floor((floor(X / 2**a) + res) / 2**-d)`` for ``d < 0`` and every ``a >= 0``: SHR by ``a``,
       the residual GEMM with weights 1, then SHR by ``-d`` (immediate);
 
-    so the residual joins *after* the shift with no per-channel alignment pass. Otherwise it joins
+    so the residual joins *after* the shift with no per-channel alignment pass - where every
+    ``a >= 0`` (else the residual's low bits are dropped first) and ``X + res * 2**a`` can never wrap
+    at 32 bits (the sum is taken modulo 2**32 before the shift). Otherwise it joins
     before the conv's GEMMs: weights ``2**(a - min a)``, then SHR by ``-min a`` (immediate), or,
     where the alignments span more than an int8 weight holds, by per-channel vectors."""
 
@@ -41,13 +43,21 @@ class ResidualAlignment:
             return None
         a, r = conv.residual_shifts(), conv.shifts()
         d = np.unique(a - r)
-        if d.size == 1 and 0 <= d[0] <= RESIDUAL_WEIGHT_EXPONENT:
-            return cls(np.full_like(a, d[0]), 0, True, r)
-        if d.size == 1 and d[0] < 0 and a.min() >= 0:
-            return cls(np.zeros_like(a), -int(d[0]), True, a)
+        if d.size == 1 and a.min() >= 0 and _never_wraps(conv, a):
+            if 0 <= d[0] <= RESIDUAL_WEIGHT_EXPONENT:
+                return cls(np.full_like(a, d[0]), 0, True, r)
+            if d[0] < 0:
+                return cls(np.zeros_like(a), -int(d[0]), True, a)
         if a.max() - a.min() <= RESIDUAL_WEIGHT_EXPONENT:
             return cls(a - a.min(), -int(a.min()), False, r)
         return cls(np.zeros_like(a), None, False, r)
+
+
+def _never_wraps(conv: QuantConv, alignments: np.ndarray) -> bool:
+    """Whether ``conv + bias + rounding + residual * 2**a`` stays inside int32 for every int8 input."""
+    weights = np.abs(conv.weight.astype(np.int64)).reshape(conv.weight.shape[0], -1).sum(axis=1)
+    bound = 128 * weights + np.abs(conv.bias_with_rounding().astype(np.int64)) + 128 * (1 << alignments)
+    return bool(bound.max() < 2**31)
 
 
 def requantization_shifts(conv: QuantConv) -> np.ndarray:

@@ -1,9 +1,9 @@
 """How a conv group is cut into blocks for VTA's buffers, and which cut is cheapest.
 
 A block is ``oc_block`` output-channel tiles x ``rows`` x ``cols`` output pixels; a *step*
-is one input-channel tile of a block. The chosen tiling is the feasible one with the
-lowest cycle estimate, priced with :mod:`vta_backend.cost` (the functions the cycle
-model uses), double buffering preferred.
+is one input-channel tile of a block. :func:`choose_tilings` ranks the feasible tilings by a
+cycle estimate priced with :mod:`vta_backend.cost` (the functions the cycle model uses),
+double buffering preferred; the compiler builds the best few and keeps the fastest.
 """
 
 from __future__ import annotations

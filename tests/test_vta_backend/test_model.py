@@ -143,3 +143,9 @@ def test_quantization_options_reach_every_conv(rng):
     assert all(isinstance(layer.conv.shift, int) for layer in per_conv.layers.values())
     assert all(np.ndim(layer.conv.shift) == 1 for layer in per_channel.layers.values())
     assert {site.input_shift for site in per_conv.sites} == {2}
+
+
+def test_with_tiles_that_are_not_square_the_add_stays_on_the_cpu():
+    compiled = compile_model(tiny_cnn(), VTAConfig(LOG_BLOCK_IN=4, LOG_BLOCK_OUT=5))
+    assert compiled.layers["conv2"].conv.residual_shift is None  # conv2 + Add + Relu: only the conv on VTA
+    assert compile_model(tiny_cnn(), CONFIG).layers["conv2"].conv.residual_shift is not None

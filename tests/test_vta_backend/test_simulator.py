@@ -83,7 +83,7 @@ def conv_cases(draw):
     kept = random_kept(rng, groups, ocg, icg, kh * kw, draw(st.sampled_from([0.0, 0.5, 0.9])))
     weight = masked_weight(rng, kept, ocg, icg, kh, kw)
     per_channel = draw(st.booleans())
-    shift = rng.integers(4, 14, groups * ocg) if per_channel else int(rng.integers(4, 14))
+    shift = rng.integers(-3, 14, groups * ocg) if per_channel else int(rng.integers(-3, 14))
     bias = rng.integers(-5000, 5000, groups * ocg).astype(np.int32) if draw(st.booleans()) else None
     residual_shift = None
     if draw(st.booleans()):
@@ -224,3 +224,41 @@ def test_an_all_zero_channel_keeps_a_scale_its_bias_fits():
     chosen = int(weight_shifts(channel[None], per_channel=False))
     assert chosen == int(shift_for(np.abs(channel).max())) + 1
     assert error(chosen) < error(chosen - 1)
+
+
+@pytest.mark.parametrize(("shift", "residual_shift"), [(-2, -2), (-3, -1), (2, -1), (8, 8)])
+def test_a_residual_with_negative_or_wide_alignments_stays_exact(shift, residual_shift):
+    """Where the residual's alignment is negative its low bits are dropped before the sum, so it may
+    not join after the shift; the other cases take the cheaper path. Both match the reference."""
+    rng = np.random.default_rng(3)
+    conv = QuantConv(
+        "c", rng.integers(-127, 128, (16, 16, 1, 1)).astype(np.int8), shift=shift, residual_shift=residual_shift
+    )
+    x = rng.integers(-127, 128, (2, 16, 4, 4)).astype(np.int8)
+    residual = rng.integers(-128, 128, (2, 16, 4, 4)).astype(np.int8)
+    layer = VtaConv.compile(conv, (16, 4, 4), CONFIG)
+    expected = reference_conv(conv, x, residual)
+    np.testing.assert_array_equal(layer.run(x, "isa", residual), expected)
+    np.testing.assert_array_equal(layer.run(x, "fast", residual), expected)
+
+
+def test_a_sum_that_wraps_at_32_bits_wraps_before_the_shift_as_the_reference():
+    conv = QuantConv(
+        "c",
+        np.eye(16, dtype=np.int8).reshape(16, 16, 1, 1),
+        bias=np.full(16, 2**31 - 200, np.int32),
+        shift=8,
+        residual_shift=8,
+    )
+    x = np.zeros((1, 16, 2, 2), np.int8)
+    residual = np.full((1, 16, 2, 2), 127, np.int8)
+    layer = VtaConv.compile(conv, (16, 2, 2), CONFIG)
+    assert layer.programs[0].residual_path.startswith("gemm-before-shift")  # after the shift the wrap is lost
+    np.testing.assert_array_equal(layer.run(x, "isa", residual), reference_conv(conv, x, residual))
+
+
+def test_a_fused_add_needs_square_tiles():
+    wide = VTAConfig(LOG_BLOCK_IN=4, LOG_BLOCK_OUT=5)
+    conv = QuantConv("c", np.ones((32, 32, 3, 3), np.int8), pads=(1, 1, 1, 1), shift=8, residual_shift=2)
+    with pytest.raises(CompileError, match="layer c: a fused Add needs square tiles.*32x16"):
+        compile_conv(conv, (32, 4, 4), wide)
