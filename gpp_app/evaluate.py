@@ -22,6 +22,7 @@ from gpp_onnx.model_io import image_dtype, load_model
 from gpp_onnx.model_io import image_input as model_image_input
 from gpp_onnx.normalization import normalization_for, normalization_source
 from gpp_onnx.progress import Track, no_progress
+from gpp_onnx.weights import check_finite_weights
 from vta_backend.calibration import CalibrationOptions, calibrate
 from vta_backend.config import VTAConfig
 from vta_backend.model import VtaReport
@@ -265,6 +266,7 @@ def evaluate(model_path: Path, data_path: Path, options: RunOptions, track: Trac
     """Run the model over a split with the chosen backend (and ORT fp32 beside the VTA backend)."""
     options.check()
     loaded = load_model(model_path)
+    check_finite_weights(loaded.model)
     input_name, dims = model_image_input(loaded.model, "gpp-onnx run expects one image input [N, 3, H, W]")
     kept = read_kept_tiles(loaded.model)  # validated once, before anything expensive
     dataset = data.locate(data_path)

@@ -32,6 +32,7 @@ from gpp_onnx.files import atomic_path
 from gpp_onnx.model_io import first_line, image_input, load_model, save_model
 from gpp_onnx.normalization import normalization_for
 from gpp_onnx.pruner import PruneOptions, prune
+from gpp_onnx.weights import check_finite_weights
 
 SCHEDULES = ("cosine", "onecycle")
 MAX_GRAD_NORM = 10.0
@@ -398,6 +399,7 @@ def finetune(
     options.check()
     import_training()
     loaded = load_model(model_path)
+    check_finite_weights(loaded.model)
     dataset = data.locate(data_path)
     mean, std = normalization_for(loaded.model, mean, std)
     tuned = onnx.ModelProto()

@@ -18,6 +18,7 @@ from gpp_onnx.model_io import load_model, save_model
 from gpp_onnx.progress import Track, no_progress
 from gpp_onnx.pruner import PruneOptions, prune
 from gpp_onnx.report import Report
+from gpp_onnx.weights import check_finite_weights
 
 
 def check_eval_limit(eval_limit: int | None) -> None:
@@ -76,8 +77,10 @@ def recalibrate_file(
 ) -> RecalibrationResult:
     """Recalibrate ``pruned`` against ``dense`` into ``output``; evaluate both on the test split."""
     check_eval_limit(eval_limit)
-    loaded = load_model(pruned)
-    result = recalibrate_from_data(loaded.model, load_model(dense).model, data_path, images, track=track)
+    loaded, dense_model = load_model(pruned), load_model(dense).model
+    check_finite_weights(loaded.model)
+    check_finite_weights(dense_model)
+    result = recalibrate_from_data(loaded.model, dense_model, data_path, images, track=track)
     before = evaluate(pruned, data_path, _ort(eval_limit), track=track)
     save_model(result, output, external_data=loaded.had_external_data)
     after = evaluate(output, data_path, _ort(eval_limit), track=track)

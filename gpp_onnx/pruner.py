@@ -27,7 +27,7 @@ from gpp_onnx.patterns import Pattern, Units, canonical, canonical_shape, from_c
 from gpp_onnx.progress import Track, no_progress
 from gpp_onnx.report import Report, annotated_statuses, build_report
 from gpp_onnx.tiles import TileShape
-from gpp_onnx.weights import Layer, find_layers
+from gpp_onnx.weights import Layer, check_finite_weights, find_layers
 
 T = TypeVar("T")
 ModelSource = str | os.PathLike[str] | onnx.ModelProto | LoadedModel
@@ -165,6 +165,7 @@ def prune(
     exclude_rx = options.check()
     tile_shape, chosen_pattern = resolve_tile(tile), get_pattern(pattern)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    check_finite_weights(loaded.model)
     pruned = onnx.ModelProto()
     pruned.CopyFrom(loaded.model)
     layers = find_layers(pruned)
@@ -191,6 +192,7 @@ def inspect(model: ModelSource, tile: TileShape | str | object | None = None) ->
     The tile shape is the annotation's; ``tile`` sets it for a model without one.
     """
     loaded = load_model(model)
+    check_finite_weights(loaded.model)
     annotation = read_annotation(loaded.model)
     layers = find_layers(loaded.model)
     if annotation is None:

@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from gpp_onnx.errors import UserError
+
 # op_type -> (weight input index, weight-scale input index, weight-zero-point input index)
 CONV_OPS: dict[str, tuple[int, int | None, int | None]] = {
     "Conv": (1, None, None),
@@ -347,3 +349,19 @@ def _foreign_use(index: GraphIndex, key: str, path: set[str], users: set[int]) -
                 node = index.graph.node[i]
                 return f"tensor '{name}' is also read by {node.op_type} node '{index.names[i]}'"
     return None
+
+
+def check_finite_weights(model: onnx.ModelProto) -> None:
+    """UserError naming the first conv / FC weight or bias that holds NaN or infinity."""
+    for layer in find_layers(model):
+        if layer.stored is not None and not np.isfinite(layer.stored.dequantized()).all():
+            raise UserError(
+                f"weight {layer.weight} of {layer.name} holds NaN or infinite values; "
+                "fix or re-export the model (training may have diverged)"
+            )
+    index = GraphIndex(model.graph)
+    for name, node in zip(index.names, model.graph.node):
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.input) > 2 and node.input[2]:
+            bias = index.dequantized_constant(node.input[2])
+            if bias is not None and bias.dtype.kind == "f" and not np.isfinite(bias).all():
+                raise UserError(f"the bias of {name} holds NaN or infinite values; fix or re-export the model")

@@ -12,6 +12,7 @@ import onnx
 from gpp_onnx.annotation import KeptTiles, read_kept_tiles
 from gpp_onnx.errors import UserError
 from gpp_onnx.progress import Track, no_progress
+from gpp_onnx.weights import check_finite_weights
 from vta_backend.config import VTAConfig
 from vta_backend.importer import ConvSite, extract_convs
 from vta_backend.layer import LayerStats, VtaConv
@@ -68,6 +69,7 @@ def compile_model(
     :func:`gpp_onnx.annotation.read_kept_tiles` result, or None (no annotation: only all-zero
     tiles are skipped). ``track(items, description, total)`` may wrap the loop in a progress bar.
     """
+    check_finite_weights(model)
     if kept is READ_FROM_MODEL:
         kept = read_kept_tiles(model)
     sites = extract_convs(model, config, input_shape, activation_shifts, quantization, kept)

@@ -255,3 +255,29 @@ def test_run_says_where_its_normalisation_came_from(capsys, data_dir, tmp_path):
         "stored": "the model's metadata",
         "given": "given (--mean / --std)",
     }
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("command", ["prune", "inspect", "compile", "run-ort", "run-vta", "recalibrate"])
+def test_non_finite_weights_are_one_line_errors_before_any_work(capsys, data_dir, tmp_path, command, value):
+    model = tiny_cnn()
+    w1 = next(t for t in model.graph.initializer if t.name == "w1")
+    broken = numpy_helper.to_array(w1).copy()
+    broken[0, 0, 0, 0] = value
+    w1.CopyFrom(numpy_helper.from_array(broken, "w1"))
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, path)
+    before = path.read_bytes()
+    out = tmp_path / "out.onnx"
+    args = {
+        "prune": ["prune", str(path), "-o", str(out)],
+        "inspect": ["inspect", str(path)],
+        "compile": ["compile", str(path), "-o", str(tmp_path / "vta")],
+        "run-ort": ["run", str(path), "--data", str(data_dir), "--backend", "ort"],
+        "run-vta": ["run", str(path), "--data", str(data_dir)],
+        "recalibrate": ["recalibrate", str(path), "--dense", str(path), "--data", str(data_dir), "-o", str(out)],
+    }[command]
+    code, stdout, stderr = run_cli(capsys, *args)
+    assert code == 2 and stderr.startswith("error: weight w1 of conv1 holds NaN or infinite values"), stderr
+    assert stderr.count("\n") == 1 and "Traceback" not in stdout + stderr
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "cifar"]
