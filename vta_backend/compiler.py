@@ -66,6 +66,8 @@ from vta_backend.tiling import (
     choose_tilings,
     geometry,
     input_half,
+    shift_vectors,
+    shr_passes,
     sub_block,
     window,
 )
@@ -281,11 +283,7 @@ def _build(conv: QuantConv, g: Geometry, config: VTAConfig, tiling: Tiling, grou
 
 def _acc_image(conv: QuantConv, g: Geometry, config: VTAConfig, layout: AccLayout, channels: slice) -> np.ndarray:
     """int32 [vectors, BLOCK_OUT]: per vector kind of the layout, one vector per output-channel tile."""
-    per_kind = {
-        "bias": conv.bias_with_rounding(),
-        "shift": requantization_shifts(conv),
-        "residual_shift": -conv.residual_shifts(),
-    }
+    per_kind = {"bias": conv.bias_with_rounding(), **shift_vectors(conv)}
     image = np.zeros((len(layout.vectors), g.oc_tiles, config.BLOCK_OUT), np.int32)
     for row, kind in enumerate(layout.vectors):  # SHR by a negative amount shifts the residual left
         image[row].reshape(-1)[: g.out_channels] = per_kind[kind][channels]
@@ -411,14 +409,7 @@ class _ProgramBuilder:
         taps = [(o, inp_base + o * block.pixels, self._halves()[1] + o) for o in range(block.obb)]
         gemm = self._emit_loads_and_gemm(block, loads, offset, block.obb, taps, (block.cb, 1))
         self.counts["gemm_uops_residual"] += gemm.count - self.last_padding
-        rb, cb = block.rb, block.cb
-        if alignment.shift is None:
-            self.insns.append(
-                AluInsn(AluOp.SHR, False, 0, *self._per_tile(block, "residual_shift"), rb, cb, cb, 1, 0, 0)
-            )
-        elif alignment.shift:
-            whole = self.uops.add([(block.acc_base, 0, 0)])
-            self.insns.append(AluInsn(AluOp.SHR, True, alignment.shift, *whole, block.obb * rb, cb, cb, 1))
+        self._shr(block, "residual_shift", alignment.shift)
 
     def _emit_bias(self, block: _Block) -> None:
         """The bias (with rounding), as a step: LOAD INP of the constant input vector (after the input and
@@ -523,6 +514,19 @@ class _ProgramBuilder:
         src = self.layout.vector_base(block.acc_base, kind, block.o0)
         return self.uops.add([(block.acc_base + o * block.pixels, src + o, 0) for o in range(block.obb)])
 
+    def _shr(self, block: _Block, kind: str, amount: int | None) -> None:
+        """SHR of the block's outputs: by the per-channel ``kind`` vectors (one pass per ``kind:i``) where
+        the layout has them, else by the immediate ``amount``, in passes within the design's SHR range."""
+        rb, cb = block.rb, block.cb
+        tensors = [k for k in self.layout.vectors if k.startswith(kind + ":")]
+        for vectors in tensors:
+            self.insns.append(AluInsn(AluOp.SHR, False, 0, *self._per_tile(block, vectors), rb, cb, cb, 1, 0, 0))
+        if tensors or not amount:
+            return
+        whole = self.uops.add([(block.acc_base, 0, 0)])
+        for step in shr_passes(amount):
+            self.insns.append(AluInsn(AluOp.SHR, True, int(step[0]), *whole, block.obb * rb, cb, cb, 1))
+
     def _emit_epilogue(self, block: _Block) -> None:
         """The requantization (ADD bias+rounding, SHR), a residual that joins after it, the clip
         (MIN 127, MAX -127 / 0), then the stores of the block."""
@@ -530,11 +534,7 @@ class _ProgramBuilder:
         whole = self.uops.add([(block.acc_base, 0, 0)])
         if "bias" in self.layout.vectors:
             self.insns.append(AluInsn(AluOp.ADD, False, 0, *self._per_tile(block, "bias"), rb, cb, cb, 1, 0, 0))
-        if "shift" in self.layout.vectors:
-            self.insns.append(AluInsn(AluOp.SHR, False, 0, *self._per_tile(block, "shift"), rb, cb, cb, 1, 0, 0))
-        else:
-            shift = int(requantization_shifts(self.conv)[0])
-            self.insns.append(AluInsn(AluOp.SHR, True, shift, *whole, obb * rb, cb, cb, 1))
+        self._shr(block, "shift", int(requantization_shifts(self.conv)[0]))
         if self.alignment is not None and self.alignment.after_requantization:
             self._emit_residual(block, self.alignment)
         self.insns.append(AluInsn(AluOp.MIN, True, 127, *whole, obb * rb, cb, cb, 1))

@@ -10,6 +10,8 @@ The compiler runs :func:`check_program` on every program it produces:
   (:data:`vta_backend.config.DESIGN_LOADS`), STOREs only of OUT.
 * **Buffer bounds.** Every SRAM index a LOAD, STORE, GEMM or ALU instruction touches lies in its
   buffer, and every micro-op range lies in the micro-ops loaded.
+* **Shift amounts.** An immediate SHR stays within the 5-bit signed amount the HLS design reads
+  (the compiler splits larger shifts into passes, per-channel shift vectors too).
 
 A failure is a :class:`ProgramCheckError` (a CompileError) naming the layer, the instruction,
 the board and the limit.
@@ -20,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from vta_backend.config import VTAConfig
-from vta_backend.isa import AluInsn, GemmInsn, Insn, MemInsn, MemType, Opcode, decode_program, decode_uops
-from vta_backend.tiling import HAZARD_DISTANCE, CompileError
+from vta_backend.isa import AluInsn, AluOp, GemmInsn, Insn, MemInsn, MemType, Opcode, decode_program, decode_uops
+from vta_backend.tiling import HAZARD_DISTANCE, SHR_RANGE, CompileError
 
 
 class ProgramCheckError(CompileError):
@@ -93,6 +95,8 @@ def _compute_problem(
             )
     elif not insn.use_imm:
         reach.append(("accumulator", _extent(insn, src, insn.src_factor_out, insn.src_factor_in), config.acc_depth))
+    elif insn.alu_opcode == AluOp.SHR and not SHR_RANGE[0] <= insn.imm <= SHR_RANGE[1]:
+        return f"shifts by {insn.imm}, beyond the SHR amount field's {SHR_RANGE[0]}..{SHR_RANGE[1]}"
     for buffer, extent, depth in reach:
         if extent > depth:
             return f"reaches {buffer} buffer entry {extent - 1}, past its {depth} entries"

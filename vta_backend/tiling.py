@@ -106,16 +106,40 @@ def geometry(conv: QuantConv, in_shape: tuple[int, int, int], config: VTAConfig)
 HAZARD_DISTANCE = 3  # no accumulator row may be written twice within this many GEMM micro-op executions
 
 
-def vector_kinds(conv: QuantConv, bias_by_gemm: bool) -> tuple[str, ...]:
-    """The per-output-channel vectors a block loads into the accumulator: the bias (with the rounding
-    constant) unless a GEMM adds it, then the shifts and the residual alignments where they differ
-    per channel."""
-    vectors = () if bias_by_gemm else ("bias",)
-    vectors += ("shift",) if np.unique(requantization_shifts(conv)).size > 1 else ()
+SHR_RANGE = (-16, 15)  # the HLS design's SHR reads its amount as a 5-bit signed field (VTA_SHR_ARG_BIT_WIDTH)
+
+
+def shr_passes(amounts: np.ndarray | int) -> list[np.ndarray]:
+    """Arithmetic shifts compose exactly (``floor(floor(x / 2**a) / 2**b) == floor(x / 2**(a + b))``,
+    left shifts likewise), so a shift beyond SHR_RANGE is done as several SHR passes within it:
+    per pass, the amount of every channel (``amounts`` broadcast), at least one pass."""
+    remaining = np.atleast_1d(np.asarray(amounts, np.int64)).copy()
+    low, high = SHR_RANGE
+    passes = []
+    while not passes or remaining.any():
+        step = np.clip(remaining, low, high)
+        passes.append(step)
+        remaining = remaining - step
+    return passes
+
+
+def shift_vectors(conv: QuantConv) -> dict[str, np.ndarray]:
+    """Per-channel shift vectors by kind: ``shift:i`` the requantization's pass i where the shifts differ
+    per channel, ``residual_shift:i`` (the negated alignment) where a residual is aligned per channel."""
+    vectors = {}
+    shifts = requantization_shifts(conv)
+    if np.unique(shifts).size > 1:
+        vectors.update({f"shift:{i}": p for i, p in enumerate(shr_passes(shifts))})
     alignment = ResidualAlignment.of(conv)
     if alignment is not None and alignment.shift is None:
-        vectors += ("residual_shift",)
+        vectors.update({f"residual_shift:{i}": p for i, p in enumerate(shr_passes(-conv.residual_shifts()))})
     return vectors
+
+
+def vector_kinds(conv: QuantConv, bias_by_gemm: bool) -> tuple[str, ...]:
+    """The per-output-channel vectors a block loads into the accumulator: the bias (with the rounding
+    constant) unless a GEMM adds it, then the shift vectors (:func:`shift_vectors`)."""
+    return (() if bias_by_gemm else ("bias",)) + tuple(shift_vectors(conv))
 
 
 def _divisors(n: int) -> list[int]:
@@ -223,9 +247,15 @@ def _dma(memory_type: MemType, elements: int, config: VTAConfig) -> int:
 def _requantization(conv: QuantConv, outputs: int, bias_by_gemm: bool) -> int:
     """Cycles of a block's requantization: the bias (GEMM, or ALU ADD with a tensor operand), SHR (tensor
     when per channel), MIN, MAX."""
-    per_channel = "shift" in vector_kinds(conv, bias_by_gemm)
+    tensor = sum(kind.startswith("shift:") for kind in vector_kinds(conv, bias_by_gemm))
+    shift = tensor * alu_cycles(outputs, True) if tensor else _immediate_passes(requantization_shifts(conv)[0], outputs)
     bias = gemm_cycles(outputs) if bias_by_gemm else alu_cycles(outputs, tensor_operand=True)
-    return bias + alu_cycles(outputs, tensor_operand=per_channel) + 2 * alu_cycles(outputs, tensor_operand=False)
+    return bias + shift + 2 * alu_cycles(outputs, tensor_operand=False)
+
+
+def _immediate_passes(amount: int, outputs: int) -> int:
+    """Cycles of the immediate SHR passes that shift by ``amount`` (none for 0)."""
+    return sum(alu_cycles(outputs, False) for p in shr_passes(amount) if p[0])
 
 
 def _block_work(
@@ -249,8 +279,10 @@ def _block_work(
     if alignment is not None:
         load += _dma(MemType.INP, outputs, config) + _dma(MemType.WGT, ob, config)
         compute += gemm_cycles(outputs)
-        if alignment.shift != 0:
-            compute += alu_cycles(outputs, tensor_operand=alignment.shift is None)
+        if alignment.shift is None:
+            compute += len(shr_passes(-conv.residual_shifts())) * alu_cycles(outputs, tensor_operand=True)
+        else:
+            compute += _immediate_passes(alignment.shift, outputs)
     return load, compute, _dma(MemType.OUT, outputs, config), step_load
 
 
