@@ -18,6 +18,7 @@ import numpy as np
 
 from gpp_onnx.errors import UserError
 from vta_backend.quant import SHIFT_LIMIT, QuantConv, quantize, weight_shifts
+from vta_backend.tiling import SHR_RANGE
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,9 @@ def quantize_conv(conv: FloatConv, activation_shifts: Mapping[str, int], options
     """The int8 conv VTA runs: int8 weights, int32 bias, requantization shift and residual alignment."""
     s_in = options.shift_of(conv.input, activation_shifts)
     s_out = options.shift_of(conv.output, activation_shifts)
-    s_w = weight_shifts(conv.weight, options.per_channel)
+    # A weight scale so fine that the requantization shift passes the SHR field of VTA's HLS design
+    # (a nearly dead channel) would cost extra SHR passes; such channels keep the coarser scale.
+    s_w = np.minimum(weight_shifts(conv.weight, options.per_channel), s_out - s_in + SHR_RANGE[1])
     weight = quantize(conv.weight, s_w.reshape(-1, 1, 1, 1) if options.per_channel else int(s_w))
     residual_shift = None
     if conv.residual is not None:  # residual * 2**(s_in + s_w - s_res) is in accumulator units
