@@ -323,11 +323,9 @@ class _ProgramBuilder:
         self.tiles = packed.reshape(g.oc_tiles, g.ic_tiles, g.positions, config.BLOCK_OUT, config.BLOCK_IN)
         self.inp_half = input_half(conv, tiling.oc_block, tiling.rows, tiling.cols)
         self.wgt_half = tiling.oc_block * g.positions
+        oc_parts, row_parts, col_parts = (_starts(sizes) for sizes in tiling.parts(g))
         self.blocks = [
-            (o0, y0, x0, obb, rb, cb)
-            for o0, obb in _starts(tiling.parts(g)[0])
-            for y0, rb in _starts(tiling.parts(g)[1])
-            for x0, cb in _starts(tiling.parts(g)[2])
+            (o0, y0, x0, obb, rb, cb) for o0, obb in oc_parts for y0, rb in row_parts for x0, cb in col_parts
         ]
         self.steps_total = sum(
             1 for o0, _, _, obb, _, _ in self.blocks for it in range(g.ic_tiles) if self.issued[o0 : o0 + obb, it].any()
@@ -336,7 +334,7 @@ class _ProgramBuilder:
         self.weight_tiles: list[np.ndarray] = []
         self.weight_offsets: dict[tuple[str, int, int], int] = {}  # (kind, oc block, ic tile) -> first tile
         self.insns: list[Insn] = []  # in program order; each module reads its own instructions in this order
-        self.step = self.last_padding = 0
+        self.step = 0
         kinds = ("gemm_uops", "gemm_uops_dense", "gemm_uops_residual", "gemm_uops_bias", "gemm_uops_padding")
         self.counts = dict.fromkeys(kinds, 0)
 
@@ -385,14 +383,13 @@ class _ProgramBuilder:
             (o, inp_base + (p // g.kw) * dh * win_cols + (p % g.kw) * dw, wgt_base + slot)
             for slot, (o, p) in enumerate(tiles)
         ]
-        gemm = self._emit_loads_and_gemm(block, [load], offset, len(tiles), taps, (sh * win_cols, sw))
-        self.counts["gemm_uops"] += gemm.count - self.last_padding
+        self._emit_loads_and_gemm(block, [load], offset, len(tiles), taps, (sh * win_cols, sw), "gemm_uops")
 
     def _emit_residual(self, block: _Block, alignment: ResidualAlignment) -> None:
         """The fused Add, as a step: LOAD INP of the int8 residual block (it follows the input in the
         input buffer), LOAD WGT of diagonal tiles ``2**exponent``, their GEMM into the outputs; then
         the ALU SHR the alignment needs (see :class:`~vta_backend.residual.ResidualAlignment`)."""
-        inp_base, _ = self._halves()
+        inp_base, wgt_base = self._halves()
         loads = [
             MemInsn(
                 Opcode.LOAD,
@@ -406,9 +403,8 @@ class _ProgramBuilder:
             for store in self._stores(block)  # the residual is laid out as the output
         ]
         offset = self._weight_offset(("residual", block.o0, 0), self._diagonal_tiles(block, alignment))
-        taps = [(o, inp_base + o * block.pixels, self._halves()[1] + o) for o in range(block.obb)]
-        gemm = self._emit_loads_and_gemm(block, loads, offset, block.obb, taps, (block.cb, 1))
-        self.counts["gemm_uops_residual"] += gemm.count - self.last_padding
+        taps = [(o, inp_base + o * block.pixels, wgt_base + o) for o in range(block.obb)]
+        self._emit_loads_and_gemm(block, loads, offset, block.obb, taps, (block.cb, 1), "gemm_uops_residual")
         self._shr(block, "residual_shift", alignment.shift)
 
     def _emit_bias(self, block: _Block) -> None:
@@ -420,8 +416,7 @@ class _ProgramBuilder:
         load = MemInsn(Opcode.LOAD, MemType.INP, inp_base, constant, 1, 1, 1)
         offset = self._weight_offset(("bias", block.o0, 0), list(self.bias_tiles[block.o0 : block.o0 + block.obb]))
         taps = [(o, inp_base, wgt_base + o) for o in range(block.obb)]
-        gemm = self._emit_loads_and_gemm(block, [load], offset, block.obb, taps, (0, 0))
-        self.counts["gemm_uops_bias"] += gemm.count - self.last_padding
+        self._emit_loads_and_gemm(block, [load], offset, block.obb, taps, (0, 0), "gemm_uops_bias")
 
     @cached_property
     def bias_tiles(self) -> np.ndarray:
@@ -436,11 +431,9 @@ class _ProgramBuilder:
 
     def _diagonal_tiles(self, block: _Block, alignment: ResidualAlignment) -> list[np.ndarray]:
         """Per output-channel tile of the block, the diagonal weight tile ``2**exponent`` per channel."""
-        exponents = np.zeros(self.g.oc_tiles * self.config.BLOCK_OUT, np.int64)
-        exponents[: self.g.out_channels] = alignment.exponents[self.channels]
-        real = np.zeros_like(exponents, bool)
-        real[: self.g.out_channels] = True
-        lanes = np.where(real, 1 << exponents, 0).reshape(self.g.oc_tiles, self.config.BLOCK_OUT)
+        lanes = np.zeros(self.g.oc_tiles * self.config.BLOCK_OUT, np.int64)  # padding lanes: weight 0
+        lanes[: self.g.out_channels] = 1 << alignment.exponents[self.channels]
+        lanes = lanes.reshape(self.g.oc_tiles, self.config.BLOCK_OUT)
         return [np.diag(lanes[block.o0 + o]).astype(np.int8) for o in range(block.obb)]
 
     def _halves(self) -> tuple[int, int]:
@@ -456,34 +449,36 @@ class _ProgramBuilder:
         tiles: int,
         taps: list[tuple[int, int, int]],
         src_strides: tuple[int, int],
-    ) -> GemmInsn:
+        counter: str,
+    ) -> None:
         """One step: its input loads and weight load on the load module, then its GEMM, with the tokens
-        that keep the two buffer halves apart."""
+        that keep the two buffer halves apart; its executions (scratch ones apart) count to ``counter``."""
         _, wgt_base = self._halves()
         loads[0].deps.pop_next = self.step >= self.halves  # wait for the compute module to free the half
         weight_load = MemInsn(
             Opcode.LOAD, MemType.WGT, wgt_base, weight_offset, 1, tiles, tiles, deps=Deps(push_next=True)
         )
         deps = Deps(pop_prev=True, push_prev=self.step + self.halves < self.steps_total)
-        gemm = self._gemm(block, taps, src_strides, deps)
+        gemm, padding = self._gemm(block, taps, src_strides, deps)
         self.insns += [*loads, weight_load, gemm]
         self.step += 1
-        return gemm
+        self.counts[counter] += gemm.count - padding
+        self.counts["gemm_uops_padding"] += padding
 
     def _gemm(
         self, block: _Block, taps: list[tuple[int, int, int]], src_strides: tuple[int, int], deps: Deps
-    ) -> GemmInsn:
+    ) -> tuple[GemmInsn, int]:
         """A GEMM over the block's pixels in which no accumulator row is written twice within
         HAZARD_DISTANCE consecutive executions. Its micro-op list holds the taps (output-channel tile,
         input base, weight slot) of one pixel, interleaving output-channel tiles, where that suffices
         (every loop iteration then moves to another pixel); else it covers a sub-block of pixels per
-        tap, and blocks too small for that separate repeats by micro-ops writing scratch rows."""
+        tap, and blocks too small for that separate repeats by micro-ops writing scratch rows. Returns
+        the GEMM and the scratch micro-ops it executes."""
         src_row, src_col = src_strides
-        self.last_padding = 0
         interleaved = hazard_free_order([(block.acc_base + o * block.pixels, src, wgt) for o, src, wgt in taps], [])
         if interleaved is not None and block.pixels > 1:
             begin, end = self.uops.add(interleaved[0])
-            return GemmInsn(False, begin, end, block.rb, block.cb, block.cb, 1, src_row, src_col, deps=deps)
+            return GemmInsn(False, begin, end, block.rb, block.cb, block.cb, 1, src_row, src_col, deps=deps), 0
         kr, kc = sub_block(block.rb, block.cb)
         uops = [
             (block.acc_base + o * block.pixels + r * block.cb + c, src + r * src_row + c * src_col, wgt)
@@ -491,16 +486,15 @@ class _ProgramBuilder:
             for r in range(kr)
             for c in range(kc)
         ]
+        padding = 0
         if kr * kc < HAZARD_DISTANCE:
             scratch = block.acc_base + self.layout.scratch_offset
             ordered = hazard_free_order(uops, list(range(scratch, scratch + self.layout.scratch)))
             assert ordered is not None  # with scratch rows every list can be ordered
-            uops, self.last_padding = ordered
-            self.counts["gemm_uops_padding"] += self.last_padding
+            uops, padding = ordered
         begin, end = self.uops.add(uops)
-        return GemmInsn(
-            False, begin, end, block.rb // kr, block.cb // kc, kr * block.cb, kc, kr * src_row, kc * src_col, deps=deps
-        )
+        loops = (block.rb // kr, block.cb // kc, kr * block.cb, kc, kr * src_row, kc * src_col)
+        return GemmInsn(False, begin, end, *loops, deps=deps), padding
 
     def _weight_offset(self, key: tuple[str, int, int], tiles: list[np.ndarray]) -> int:
         """First tile of ``key`` (kind, oc block, ic tile) in the weight image, appending ``tiles`` the first time."""
