@@ -91,7 +91,7 @@ def wrap32(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, np.int64).astype(np.int32)
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: what the compiler derives from one is cached per conv
 class QuantConv:
     """One quantized convolution as VTA runs it.
 

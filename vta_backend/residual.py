@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +39,14 @@ class ResidualAlignment:
 
     @classmethod
     def of(cls, conv: QuantConv) -> "ResidualAlignment | None":
-        """The alignment of ``conv``'s fused residual, None without one."""
+        """The alignment of ``conv``'s fused residual, None without one (computed once per conv: the
+        tiling search asks for it thousands of times)."""
+        if conv not in _ALIGNMENTS:
+            _ALIGNMENTS[conv] = cls._compute(conv)
+        return _ALIGNMENTS[conv]
+
+    @classmethod
+    def _compute(cls, conv: QuantConv) -> "ResidualAlignment | None":
         if conv.residual_shift is None:
             return None
         a, r = conv.residual_shifts(), conv.shifts()
@@ -51,6 +59,9 @@ class ResidualAlignment:
         if a.max() - a.min() <= RESIDUAL_WEIGHT_EXPONENT:
             return cls(a - a.min(), -int(a.min()), False, r)
         return cls(np.zeros_like(a), None, False, r)
+
+
+_ALIGNMENTS: "weakref.WeakKeyDictionary[QuantConv, ResidualAlignment | None]" = weakref.WeakKeyDictionary()
 
 
 def _never_wraps(conv: QuantConv, alignments: np.ndarray) -> bool:
