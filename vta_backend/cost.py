@@ -44,13 +44,15 @@ def dma_cycles(nbytes: int, config: VTAConfig, padding: int = 0) -> int:
 
 def element_bytes(memory_type: MemType, config: VTAConfig) -> tuple[str, int]:
     """(memory kind, bytes per element) of a memory type: what one LOAD / STORE element moves."""
-    return {
-        MemType.INP: ("inp", config.inp_vector_bytes),
-        MemType.WGT: ("wgt", config.wgt_tile_bytes),
-        MemType.ACC: ("acc", config.acc_vector_bytes),
-        MemType.UOP: ("uop", 4),
-        MemType.OUT: ("out", config.BATCH * config.BLOCK_OUT),
-    }[memory_type]
+    if memory_type == MemType.INP:
+        return "inp", config.inp_vector_bytes
+    if memory_type == MemType.WGT:
+        return "wgt", config.wgt_tile_bytes
+    if memory_type == MemType.ACC:
+        return "acc", config.acc_vector_bytes
+    if memory_type == MemType.UOP:
+        return "uop", 4
+    return "out", config.BATCH * config.BLOCK_OUT
 
 
 def instruction_cost(insn: Insn, config: VTAConfig) -> tuple[int, str, int]:

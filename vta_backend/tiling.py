@@ -8,7 +8,9 @@ double buffering preferred; the compiler builds the best few and keeps the faste
 
 from __future__ import annotations
 
+import functools
 import itertools
+import weakref
 from collections import Counter
 from dataclasses import dataclass, replace
 
@@ -42,21 +44,25 @@ class Tiling:
     bias_by_gemm: bool = False  # the bias added by a GEMM of a constant input (vta_backend.bias), not the ALU
     lead_rows: int = 0  # a first, smaller block row (0: none), so the first GEMM starts sooner
     lead_cols: int = 0  # a first, smaller block column (0: none)
+    tail_rows: int = 0  # a last, smaller block row (0: none), so less store follows the last GEMM
+    lead_oc: int = 0  # a first, smaller block of output-channel tiles (0: none)
+    tail_oc: int = 0  # a last, smaller block of output-channel tiles (0: none)
 
     def parts(self, g: "Geometry") -> tuple[list[int], list[int], list[int]]:
         """The block sizes along output-channel tiles, rows and columns, in program order."""
         return (
-            partition(g.oc_tiles, self.oc_block),
-            partition(g.out_height, self.rows, self.lead_rows),
+            partition(g.oc_tiles, self.oc_block, self.lead_oc, self.tail_oc),
+            partition(g.out_height, self.rows, self.lead_rows, self.tail_rows),
             partition(g.out_width, self.cols, self.lead_cols),
         )
 
 
-def partition(total: int, size: int, lead: int = 0) -> list[int]:
+def partition(total: int, size: int, lead: int = 0, tail: int = 0) -> list[int]:
     """The piece sizes ``total`` is cut into: a ``lead`` piece first (when > 0), then pieces of ``size``,
-    then the remainder."""
-    rest = total - lead
-    return ([lead] if lead else []) + [size] * (rest // size) + ([rest % size] if rest % size else [])
+    then the remainder, then a ``tail`` piece (when > 0)."""
+    rest = total - lead - tail
+    middle = [size] * (rest // size) + ([rest % size] if rest % size else [])
+    return ([lead] if lead else []) + middle + ([tail] if tail else [])
 
 
 @dataclass
@@ -125,7 +131,14 @@ def shr_passes(amounts: np.ndarray | int) -> list[np.ndarray]:
 
 def shift_vectors(conv: QuantConv) -> dict[str, np.ndarray]:
     """Per-channel shift vectors by kind: ``shift:i`` the requantization's pass i where the shifts differ
-    per channel, ``residual_shift:i`` (the negated alignment) where a residual is aligned per channel."""
+    per channel, ``residual_shift:i`` (the negated alignment) where a residual is aligned per channel
+    (computed once per conv: the tiling search asks for them thousands of times)."""
+    if conv not in _SHIFT_VECTORS:
+        _SHIFT_VECTORS[conv] = _shift_vectors(conv)
+    return _SHIFT_VECTORS[conv]
+
+
+def _shift_vectors(conv: QuantConv) -> dict[str, np.ndarray]:
     vectors = {}
     shifts = requantization_shifts(conv)
     if np.unique(shifts).size > 1:
@@ -134,6 +147,9 @@ def shift_vectors(conv: QuantConv) -> dict[str, np.ndarray]:
     if alignment is not None and alignment.shift is None:
         vectors.update({f"residual_shift:{i}": p for i, p in enumerate(shr_passes(-conv.residual_shifts()))})
     return vectors
+
+
+_SHIFT_VECTORS: "weakref.WeakKeyDictionary[QuantConv, dict[str, np.ndarray]]" = weakref.WeakKeyDictionary()
 
 
 def vector_kinds(conv: QuantConv, bias_by_gemm: bool) -> tuple[str, ...]:
@@ -255,14 +271,20 @@ def _requantization(conv: QuantConv, outputs: int, bias_by_gemm: bool) -> int:
 
 def _immediate_passes(amount: int, outputs: int) -> int:
     """Cycles of the immediate SHR passes that shift by ``amount`` (none for 0)."""
-    return sum(alu_cycles(outputs, False) for p in shr_passes(amount) if p[0])
+    return _immediate_pass_count(int(amount)) * alu_cycles(outputs, False)
+
+
+@functools.lru_cache(maxsize=None)
+def _immediate_pass_count(amount: int) -> int:
+    return sum(bool(p[0]) for p in shr_passes(amount))
 
 
 def _block_work(
     conv: QuantConv, g: Geometry, config: VTAConfig, block: tuple[int, int, int], density: float, tiling: Tiling
 ) -> tuple[int, int, int, int]:
-    """Busy cycles of one block of ``(oc tiles, rows, cols)`` per module (load, compute, store),
-    and its first step's loads."""
+    """Busy cycles of one block of ``(oc tiles, rows, cols)`` per module (load, compute, store), and the
+    cycles its first step's loads keep the compute module waiting (the reset and a bias GEMM, whose loads
+    are small, run while the step's input and weights load)."""
     ob, rows, cols = block
     outputs = ob * rows * cols
     win_rows, win_cols = window(conv, rows, cols)
@@ -273,17 +295,22 @@ def _block_work(
     kinds = len(vector_kinds(conv, tiling.bias_by_gemm))
     compute += gemm_cycles(outputs) + (0 if tiling.resident_vectors else kinds * _dma(MemType.ACC, ob, config))
     compute += _requantization(conv, outputs, tiling.bias_by_gemm)
+    head = gemm_cycles(outputs)  # the reset
     if tiling.bias_by_gemm:  # the constant input vector and the bias tiles
-        load += _dma(MemType.INP, 1, config) + _dma(MemType.WGT, ob, config)
+        bias_loads = _dma(MemType.INP, 1, config) + _dma(MemType.WGT, ob, config)
+        load += bias_loads
+        step_load += bias_loads
+        head += gemm_cycles(outputs)
     alignment = ResidualAlignment.of(conv)
     if alignment is not None:
         load += _dma(MemType.INP, outputs, config) + _dma(MemType.WGT, ob, config)
         compute += gemm_cycles(outputs)
         if alignment.shift is None:
-            compute += len(shr_passes(-conv.residual_shifts())) * alu_cycles(outputs, tensor_operand=True)
+            passes = sum(kind.startswith("residual_shift:") for kind in shift_vectors(conv))
+            compute += passes * alu_cycles(outputs, tensor_operand=True)
         else:
             compute += _immediate_passes(alignment.shift, outputs)
-    return load, compute, _dma(MemType.OUT, outputs, config), step_load
+    return load, compute, _dma(MemType.OUT, outputs, config), max(0, step_load - head)
 
 
 def estimate_cycles(conv: QuantConv, g: Geometry, config: VTAConfig, tiling: Tiling, density: float = 1.0) -> int:
@@ -311,7 +338,13 @@ def _lead_variants(tiling: Tiling) -> list[Tiling]:
     """``tiling`` and its variants with a smaller first block row or column."""
     return [tiling] + [
         replace(tiling, **{field: size // k})
-        for field, size in (("lead_rows", tiling.rows), ("lead_cols", tiling.cols))
+        for field, size in (
+            ("lead_rows", tiling.rows),
+            ("lead_cols", tiling.cols),
+            ("tail_rows", tiling.rows),
+            ("lead_oc", tiling.oc_block),
+            ("tail_oc", tiling.oc_block),
+        )
         for k in (2, 4)
         if size // k
     ]
