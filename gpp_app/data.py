@@ -87,12 +87,25 @@ def _load_pickle(file: Path) -> tuple[np.ndarray, np.ndarray]:
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     try:
         data = np.asarray(batch["data"], np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(batch.get("labels", batch.get("fine_labels")), np.int64)
+        raw_labels = np.asarray(batch.get("labels", batch.get("fine_labels")))
+        labels = raw_labels.astype(np.int64)
     except (KeyError, ValueError, TypeError) as exc:
         raise UserError(f"{file} does not hold CIFAR-10 'data' and 'labels' ({exc})") from None
     if labels.ndim != 1 or len(labels) != len(data):
         raise UserError(f"{file} holds {len(data)} images but {labels.size} labels; pass a complete CIFAR-10 batch")
-    return data, labels
+    if raw_labels.dtype.kind not in "iu" and not (raw_labels.dtype.kind == "f" and np.array_equal(raw_labels, labels)):
+        raise UserError(f"{file} has labels that are not whole numbers; pass a CIFAR-10 batch (labels 0..9)")
+    return _check_batch(file, data, labels)
+
+
+def _check_batch(file: Path, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A batch file's images and labels; UserError when it holds no image or a label outside 0..9."""
+    if len(labels) == 0:
+        raise UserError(f"{file} holds no images; pass a complete CIFAR-10 batch")
+    if labels.min() < 0 or labels.max() >= len(CLASSES):
+        bad = labels.min() if labels.min() < 0 else labels.max()
+        raise UserError(f"{file} has label {bad}, outside CIFAR-10's 0..{len(CLASSES) - 1}; pass CIFAR-10 data")
+    return images, labels
 
 
 def _load_binary(file: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +113,7 @@ def _load_binary(file: Path) -> tuple[np.ndarray, np.ndarray]:
     if raw.size % _RECORD:
         raise UserError(f"{file} is not a CIFAR-10 binary batch (size is not a multiple of {_RECORD} bytes)")
     records = raw.reshape(-1, _RECORD)
-    return records[:, 1:].reshape(-1, 3, 32, 32), records[:, 0].astype(np.int64)
+    return _check_batch(file, records[:, 1:].reshape(-1, 3, 32, 32), records[:, 0].astype(np.int64))
 
 
 def _folder_files(root: Path, split: str) -> list[tuple[Path, int]]:
@@ -113,6 +126,8 @@ def _folder_files(root: Path, split: str) -> list[tuple[Path, int]]:
         raise UserError(f"{split_dir} has no class folders; {LAYOUTS_HELP}")
     order = sorted(classes, key=lambda c: (CLASSES.index(c) if c in CLASSES else len(CLASSES), c))
     per_class = [sorted(f for f in (split_dir / c).iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES) for c in order]
+    if not any(per_class):
+        raise UserError(f"the class folders of {split_dir} hold no .png or .jpg images; {LAYOUTS_HELP}")
     files = []
     for rank in range(max(len(fs) for fs in per_class)):
         for label, fs in enumerate(per_class):

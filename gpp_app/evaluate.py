@@ -176,6 +176,7 @@ class _Tally:
         start = time.perf_counter()
         logits = run_in_model_batches(self.session, feeds)
         self.seconds += time.perf_counter() - start
+        check_scores(logits, labels)
         self.images += len(labels)
         self.correct += int((logits.argmax(axis=1) == labels).sum())
         return logits
@@ -205,7 +206,49 @@ def _ort_session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def _check_data_fits(dataset: data.Dataset, split: str, dims: list, name: str) -> None:
+def check_scores(logits: np.ndarray, labels: np.ndarray) -> None:
+    """The model gives one score per class for each image, for at least as many classes as the labels name."""
+    if logits.ndim != 2 or len(logits) != len(labels):
+        raise UserError(
+            f"the model's first output is {list(logits.shape)} for {len(labels)} images, not [N, classes] "
+            "scores; pass a classifier whose first output holds the class scores"
+        )
+    check_labels(labels, logits.shape[1])
+
+
+def check_labels(labels: np.ndarray, classes: int) -> None:
+    """Every label names one of the model's ``classes`` scores (UserError otherwise)."""
+    if labels.max(initial=0) >= classes:
+        raise UserError(
+            f"the data have label {labels.max()} but the model scores {classes} classes; "
+            "pass a model trained on these classes (CIFAR-10: 10)"
+        )
+
+
+def check_output(model: onnx.ModelProto) -> None:
+    """The model's first output is declared as [N, classes] scores where its rank is known (UserError otherwise)."""
+    output = model.graph.output[0] if model.graph.output else None
+    if output is None:
+        raise UserError("the model has no output; pass a classifier")
+    tensor = output.type.tensor_type
+    if tensor.HasField("shape") and len(tensor.shape.dim) != 2:
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim]
+        raise UserError(
+            f"output '{output.name}' is {dims}, not [N, classes] scores; pass a classifier whose first output "
+            "holds the class scores"
+        )
+
+
+def check_fits(model: onnx.ModelProto, dataset: data.Dataset, splits: tuple[str, ...]) -> None:
+    """Before any work: the model takes one image input of the data's size and channels, in every split
+    named, and declares class scores as its output (UserError otherwise)."""
+    name, dims = model_image_input(model, "gpp-onnx expects one image input [N, C, H, W]")
+    check_output(model)
+    for split in splits:
+        check_data_fits(dataset, split, dims, name)
+
+
+def check_data_fits(dataset: data.Dataset, split: str, dims: list, name: str) -> None:
     """The first image of the split has the model's input size and channels (UserError otherwise)."""
     first = next(data.iter_uint8(dataset, split, 1, 1), None)
     if first is None:
@@ -262,18 +305,25 @@ def vta_session(
     return session, CalibrationInfo(options.calibration.method, options.calibration.images, cached)
 
 
-def evaluate(model_path: Path, data_path: Path, options: RunOptions, track: Track = no_progress) -> EvalResult:
-    """Run the model over a split with the chosen backend (and ORT fp32 beside the VTA backend)."""
+def evaluate(
+    model_path: Path | onnx.ModelProto, data_path: Path, options: RunOptions, track: Track = no_progress
+) -> EvalResult:
+    """Run the model (a file, or a model in memory) over a split with the chosen backend (and ORT fp32
+    beside the VTA backend)."""
     options.check()
     loaded = load_model(model_path)
+    label = "the model" if isinstance(model_path, onnx.ModelProto) else str(model_path)
     check_finite_weights(loaded.model)
     input_name, dims = model_image_input(loaded.model, "gpp-onnx run expects one image input [N, 3, H, W]")
     kept = read_kept_tiles(loaded.model)  # validated once, before anything expensive
     dataset = data.locate(data_path)
     normalization = normalization_for(loaded.model, options.mean, options.std)
-    _check_data_fits(dataset, options.split, dims, input_name)  # before calibration or any session
+    check_data_fits(dataset, options.split, dims, input_name)  # before calibration or any session
+    check_output(loaded.model)
+    if options.backend == "vta" and not any(node.op_type == "Conv" for node in loaded.model.graph.node):
+        raise UserError(f"{label} has no Conv for VTA to run; use --backend ort")
     dtype = image_dtype(loaded.model)
-    baseline = _baseline_tally(options.baseline)
+    baseline = _baseline_tally(options.baseline, dims)
     reference = _Tally(_ort_session(loaded.model))
     vta = calibration = None
     if options.backend == "vta":
@@ -293,17 +343,28 @@ def evaluate(model_path: Path, data_path: Path, options: RunOptions, track: Trac
     if reference.images == 0:
         raise UserError(f"no {options.split} images in {data_path}")
     result = EvalResult(
-        options.backend, str(model_path), dataset.describe(), options.split, reference.images, 0.0, 0.0, *normalization
+        options.backend, label, dataset.describe(), options.split, reference.images, 0.0, 0.0, *normalization
     )
     result.normalization_source = normalization_source(loaded.model, options.mean, options.std)
     return _fill(result, reference, vta, comparison, calibration, baseline, options.baseline)
 
 
-def _baseline_tally(path: Path | None) -> _Tally | None:
+def _baseline_tally(path: Path | None, dims: list) -> _Tally | None:
+    """ONNX Runtime on the --baseline model, which must take the evaluated model's images."""
     if path is None:
         return None
     model = load_model(path).model
-    model_image_input(model, "--baseline expects one image input [N, 3, H, W]")
+    check_finite_weights(model)
+    _, baseline_dims = model_image_input(model, "--baseline expects one image input [N, 3, H, W]")
+    for axis in (1, 2, 3):
+        if (
+            all(isinstance(d[axis], int) and d[axis] > 0 for d in (dims, baseline_dims))
+            and dims[axis] != baseline_dims[axis]
+        ):
+            raise UserError(
+                f"--baseline {path} takes {baseline_dims} inputs, the model {dims}; pass the model this one came from"
+            )
+    check_output(model)
     return _Tally(_ort_session(model))
 
 

@@ -23,10 +23,11 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 
 from gpp_app import data
+from gpp_app.evaluate import check_fits, check_labels, check_scores
 from gpp_app.gradual import GradualPruner
 from gpp_app.qat import CALIBRATION, VtaRounding
 from gpp_app.torch_model import Trainable, import_training, to_trainable
-from gpp_onnx.annotation import read_annotation, validate_annotation, write_annotation
+from gpp_onnx.annotation import read_annotation, read_kept_tiles, validate_annotation, write_annotation
 from gpp_onnx.errors import UserError
 from gpp_onnx.files import atomic_path
 from gpp_onnx.model_io import first_line, image_input, load_model, save_model
@@ -74,8 +75,10 @@ class FinetuneOptions:
             raise UserError(f"--qat-epochs {self.qat_epochs} must be between 0 and --epochs {self.epochs}")
         if self.gradual is not None:
             self.gradual.check()
-            if not 0 < self.gradual_until <= 1:
-                raise UserError(f"--gradual-until {self.gradual_until} is outside (0, 1]")
+        if not 0 < self.gradual_until <= 1:
+            raise UserError(f"--gradual-until {self.gradual_until} is outside (0, 1]")
+        if self.seed < 0:
+            raise UserError(f"--seed {self.seed} is below 0")
         if not (0 < self.kd_temperature < math.inf) or not 0 <= self.kd_weight <= 1:
             raise UserError("--kd-temperature must be above 0 and --kd-weight in [0, 1]")
         if not 0 < self.lr < math.inf:
@@ -90,6 +93,8 @@ class FinetuneOptions:
 def split_in_memory(root: str, layout: str, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     """A whole split as uint8 ``[N, 3, 32, 32]`` and labels (decoded once per process)."""
     batches = list(data.iter_uint8(data.Dataset(layout, Path(root)), split, 1000, limit))
+    if not batches:
+        raise UserError(f"no {split} images in {root}; {data.LAYOUTS_HELP}")
     return np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches])
 
 
@@ -294,13 +299,18 @@ def _teacher(torch, options: FinetuneOptions, probe, student_logits, device: str
     return teacher
 
 
-def _prepare(trainable: Trainable, torch, images: np.ndarray, normalize: Callable, options, device: str):
-    """Restore batch-norm (from the first train images) and load the teacher; returns the teacher."""
+def _prepare(
+    trainable: Trainable, torch, images: np.ndarray, labels: np.ndarray, normalize: Callable, options, device: str
+):
+    """Restore batch-norm (from the first train images) and load the teacher; returns the teacher.
+    The model must give class scores for every label (UserError otherwise)."""
     sample = [
         normalize(torch.from_numpy(images[i : i + 256]).to(device)) for i in range(0, min(len(images), 2048), 256)
     ]
     with torch.no_grad():
         student_logits = trainable.module.eval()(sample[0][:2])
+    check_scores(student_logits.cpu().numpy(), labels[:2])
+    check_labels(labels, student_logits.shape[1])
     teacher = _teacher(torch, options, sample[0][:2], student_logits, device)
     if options.restore_bn:
         trainable.restore_batchnorm(sample)
@@ -331,7 +341,7 @@ def train(
     def normalize(x):
         return x.float().div_(255).sub_(mean_t).div_(std_t)
 
-    teacher = _prepare(trainable, torch, images, normalize, options, device)
+    teacher = _prepare(trainable, torch, images, labels, normalize, options, device)
     optimizer = torch.optim.SGD(
         trainable.trainable_parameters(), lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay
     )
@@ -386,6 +396,26 @@ class FinetuneResult:
         return doc
 
 
+def check_trainable(model: onnx.ModelProto, dataset: data.Dataset, options: FinetuneOptions) -> None:
+    """Everything that would stop fine-tuning, checked before any training or file: finite weights, a
+    valid annotation, a conv, one image input that fits the train images, class scores, the teacher."""
+    check_finite_weights(model)
+    read_kept_tiles(model)
+    if not any(node.op_type == "Conv" for node in model.graph.node):
+        raise UserError("the model has no Conv layer to fine-tune; gpp-onnx finetune trains CNNs")
+    check_fits(model, dataset, ("train",))
+    if options.teacher is not None:
+        teacher = load_model(options.teacher).model
+        check_finite_weights(teacher)
+        theirs = image_input(teacher, "--teacher must take one image input [N, C, H, W]")[1]
+        ours = image_input(model)[1]
+        if theirs[1:] != ours[1:]:  # the batch axis may be named differently
+            raise UserError(
+                f"--teacher {options.teacher} takes {theirs} inputs, the model {ours}; "
+                "distil from the dense model this one was pruned from"
+            )
+
+
 def finetune(
     model_path: Path,
     data_path: Path,
@@ -399,8 +429,8 @@ def finetune(
     options.check()
     import_training()
     loaded = load_model(model_path)
-    check_finite_weights(loaded.model)
     dataset = data.locate(data_path)
+    check_trainable(loaded.model, dataset, options)
     mean, std = normalization_for(loaded.model, mean, std)
     tuned = onnx.ModelProto()
     tuned.CopyFrom(loaded.model)

@@ -10,15 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from gpp_app.evaluate import EvalResult, RunOptions, evaluate
+import onnx
+
+from gpp_app import data
+from gpp_app.evaluate import EvalResult, RunOptions, check_fits, evaluate
 from gpp_app.finetune import FinetuneOptions, FinetuneResult, StepCallback, finetune
 from gpp_app.recalibrate import DEFAULT_RECALIBRATION_IMAGES, recalibrate_from_data
 from gpp_onnx.errors import UserError
-from gpp_onnx.model_io import load_model, save_model
+from gpp_onnx.model_io import LoadedModel, load_model, save_model
 from gpp_onnx.progress import Track, no_progress
 from gpp_onnx.pruner import PruneOptions, prune
 from gpp_onnx.report import Report
 from gpp_onnx.weights import check_finite_weights
+from vta_backend.config import VTAConfig
+from vta_backend.latency import LatencyReport, LatencyTarget, prune_for_latency
 
 
 def check_eval_limit(eval_limit: int | None) -> None:
@@ -43,10 +48,40 @@ def prune_file(
     """Prune ``model`` into ``output`` (then recalibrate it on ``recalibrate_data`` when given)."""
     loaded = load_model(model)
     pruned, report = prune(loaded, **options.arguments(), track=track)
-    if recalibrate_data is not None:
-        pruned = recalibrate_from_data(pruned, loaded.model, recalibrate_data, recalibrate_images, track=track)
-    save_model(pruned, output, external_data=loaded.had_external_data)
+    _save_pruned(pruned, loaded, output, recalibrate_data, recalibrate_images, track)
     return report
+
+
+def prune_latency_file(
+    model: Path,
+    output: Path,
+    target: LatencyTarget,
+    config: VTAConfig,
+    options: PruneOptions,
+    recalibrate_data: Path | None = None,
+    recalibrate_images: int = DEFAULT_RECALIBRATION_IMAGES,
+    track: Track = no_progress,
+) -> tuple[Report, LatencyReport]:
+    """Prune ``model`` into ``output`` to a simulated VTA latency ``target`` (then recalibrate it on
+    ``recalibrate_data`` when given); ``options`` gives the pattern, exclusions and floor."""
+    loaded = load_model(model)
+    pruned, report, latency = prune_for_latency(loaded, target, config, options, track=track)
+    _save_pruned(pruned, loaded, output, recalibrate_data, recalibrate_images, track)
+    return report, latency
+
+
+def _save_pruned(
+    pruned: onnx.ModelProto,
+    dense: LoadedModel,
+    output: Path,
+    recalibrate_data: Path | None,
+    recalibrate_images: int,
+    track: Track,
+) -> None:
+    """Recalibrate the pruned model against ``dense`` when data are given, then write it."""
+    if recalibrate_data is not None:
+        pruned = recalibrate_from_data(pruned, dense.model, recalibrate_data, recalibrate_images, track=track)
+    save_model(pruned, output, external_data=dense.had_external_data)
 
 
 @dataclass
@@ -82,8 +117,8 @@ def recalibrate_file(
     check_finite_weights(dense_model)
     result = recalibrate_from_data(loaded.model, dense_model, data_path, images, track=track)
     before = evaluate(pruned, data_path, _ort(eval_limit), track=track)
+    after = evaluate(result, data_path, _ort(eval_limit), track=track)  # before writing: a failure leaves no file
     save_model(result, output, external_data=loaded.had_external_data)
-    after = evaluate(output, data_path, _ort(eval_limit), track=track)
     return RecalibrationResult(
         str(pruned), str(output), images, after.data, after.images, before.accuracy, after.accuracy
     )
@@ -100,6 +135,7 @@ def finetune_file(
 ) -> FinetuneResult:
     """Fine-tune ``model`` into ``output`` and report its test accuracy (ONNX Runtime fp32)."""
     check_eval_limit(eval_limit)
+    check_fits(load_model(model).model, data.locate(data_path), ("test",))  # before training writes anything
     result = finetune(model, data_path, output, options, on_step=on_step)
     evaluation = evaluate(output, data_path, _ort(eval_limit), track=track)
     return replace(result, test_accuracy=evaluation.accuracy, test_images=evaluation.images)

@@ -65,7 +65,7 @@ def _curves(rows: list, column: str) -> dict[str, list[tuple[float, float]]]:
     recipes = {r.recipe for r in rows}
     points: dict[str, dict[float, list[float]]] = {}
     for r in rows:
-        if getattr(r, column) is None:
+        if getattr(r, column) is None or r.sparsity_target is None:  # latency-target points: against cycles only
             continue
         label = r.pattern if len(recipes) == 1 else f"{r.pattern} ({r.recipe})"
         points.setdefault(label, {}).setdefault(r.sparsity_target, []).append(float(getattr(r, column)))
@@ -105,7 +105,8 @@ def plot_accuracy_vs_cycles(rows: list, dense_accuracy: float, path: Path, title
         by_pattern: dict[str, list[tuple[int, float]]] = {}
         for r in rows:
             if r.vta_cycles is not None and getattr(r, column) is not None:
-                by_pattern.setdefault(r.pattern, []).append((r.vta_cycles, float(getattr(r, column))))
+                label = r.pattern + (", latency target" if getattr(r, "speedup_target", None) is not None else "")
+                by_pattern.setdefault(label, []).append((r.vta_cycles, float(getattr(r, column))))
         for pattern, points in by_pattern.items():
             ax.scatter(*zip(*sorted(points)), marker=marker, label=f"{pattern}, {kind}")
     ax.axhline(dense_accuracy, color="gray", linestyle="--", label="dense (ORT fp32)")
@@ -114,5 +115,57 @@ def plot_accuracy_vs_cycles(rows: list, dense_accuracy: float, path: Path, title
     ax.set_title(f"{title}\naccuracy against simulated latency (every seed a point)", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+BUSY_UNITS = {  # the cycle model's categories, grouped as the plot stacks them
+    "GEMM": ("gemm",),
+    "ALU": ("alu",),
+    "input + weight loads": ("load_inp", "load_wgt"),
+    "micro-op + accumulator loads": ("load_uop", "load_acc"),
+    "stores": ("store",),
+}
+
+
+def _short_name(node: str) -> str:
+    """An exporter's node path without its op-type tail: ``/layer1/layer1.0/conv1/Conv`` -> ``layer1.0/conv1``."""
+    parts = [p for p in node.strip("/").split("/") if p]
+    if len(parts) > 1 and parts[-1] in ("Conv", "Relu", "Add"):
+        parts = parts[:-1]
+    return "/".join(parts[-2:]) or node
+
+
+def plot_cycles(report, path: Path, title: str) -> None:
+    """Per VTA conv (``report``: a ``VtaReport``): the simulated cycles of the dense, this and the
+    every-tile-pruned program, and this program's busy cycles by unit (the load, compute and store
+    modules overlap, so a stack can exceed the cycles)."""
+    plt = _pyplot()
+    layers = report.layers
+    names = [_short_name(layer.name) for layer in layers]
+    x = range(len(layers))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 0.45 * len(layers) + 2), 7), sharex=True)
+    top.bar(x, [layer.dense_cycles for layer in layers], color="#cccccc", label="dense program")
+    top.bar(x, [layer.timing.cycles for layer in layers], width=0.5, color="tab:blue", label="this model")
+    floors = [layer.floor_cycles for layer in layers]
+    top.scatter(x, floors, marker="_", s=200, color="black", label="every tile pruned")
+    top.set_ylabel("simulated cycles per image")
+    top.set_title(
+        f"{title}\nsimulated on VTA ({report.board}): {report.cycles:,} cycles, {report.speedup:.2f}x the dense "
+        f"program, bound with every weight tile pruned {report.amdahl_bound:.2f}x",
+        fontsize=8,
+    )
+    top.legend(fontsize=7)
+    base = [0.0] * len(layers)
+    for unit, categories in BUSY_UNITS.items():
+        values = [float(sum(layer.timing.busy[c] for c in categories)) for layer in layers]
+        bottom.bar(x, values, bottom=base, label=unit)
+        base = [b + v for b, v in zip(base, values)]
+    bottom.scatter(x, [layer.timing.cycles for layer in layers], marker="_", s=200, color="black", label="cycles")
+    bottom.set_ylabel("busy cycles by unit (modules overlap)")
+    bottom.set_xticks(list(x), names, rotation=70, fontsize=7)
+    bottom.legend(fontsize=7)
+    for axis in (top, bottom):
+        axis.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     save_figure(fig, path)

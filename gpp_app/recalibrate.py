@@ -18,6 +18,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from gpp_app import data
+from gpp_app.evaluate import check_data_fits
 from gpp_onnx.annotation import read_annotation, validate_annotation
 from gpp_onnx.errors import UserError
 from gpp_onnx.model_io import image_input
@@ -87,6 +88,8 @@ def recalibrate(
     if missing:
         raise UserError(f"the dense model has no tensor {missing[0]!r}; pass the model the pruned one was made from")
     calibration = [data.normalize(x, mean, std) for x, _ in data.iter_uint8(dataset, "train", batch, images)]
+    if not calibration:
+        raise UserError(f"no train images in {dataset.root} to recalibrate on; {data.LAYOUTS_HELP}")
     outputs = [node.output[0] for node in convs]
     target = _channel_stats(dense, input_name, outputs, calibration)
     result = onnx.ModelProto()
@@ -144,7 +147,13 @@ def recalibrate_from_data(
 ) -> onnx.ModelProto:
     """:func:`recalibrate` with the input name and normalisation taken from the dense model."""
     mean, std = normalization_for(dense)
-    result, _ = recalibrate(
-        pruned, dense, image_input(dense)[0], data.locate(data_path), mean, std, images, track=track
-    )
+    name, dims = image_input(dense, "the dense model must take one image input [N, C, H, W]")
+    if image_input(pruned, "the pruned model must take one image input [N, C, H, W]") != (name, dims):
+        raise UserError(
+            f"the pruned model's input differs from the dense model's {name} {dims}; "
+            "pass the dense model the pruned one was made from"
+        )
+    dataset = data.locate(data_path)
+    check_data_fits(dataset, "train", dims, name)
+    result, _ = recalibrate(pruned, dense, name, dataset, mean, std, images, track=track)
     return result

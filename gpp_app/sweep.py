@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import io
 import json
+import os
 import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -24,17 +25,31 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import get_type_hints
 
+import onnx
+
 from gpp_app import data
-from gpp_app.evaluate import RunOptions, evaluate
+from gpp_app.evaluate import RunOptions, check_fits, evaluate
 from gpp_app.finetune import FinetuneOptions
-from gpp_app.pipeline import check_eval_limit, evaluate_on_vta, finetune_file, prune_file, recalibrate_file
+from gpp_app.pipeline import (
+    check_eval_limit,
+    evaluate_on_vta,
+    finetune_file,
+    prune_file,
+    prune_latency_file,
+    recalibrate_file,
+)
 from gpp_app.recalibrate import DEFAULT_RECALIBRATION_IMAGES
+from gpp_onnx.annotation import read_kept_tiles
 from gpp_onnx.errors import UserError
 from gpp_onnx.files import write_text
 from gpp_onnx.model_io import load_model
+from gpp_onnx.normalization import normalization_for
 from gpp_onnx.patterns import pattern_names
 from gpp_onnx.pruner import PruneOptions, inspect
+from gpp_onnx.weights import check_finite_weights, find_layers
 from vta_backend.calibration import CalibrationOptions
+from vta_backend.config import VTAConfig
+from vta_backend.latency import LatencyTarget
 
 DEFAULT_SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9)
 _PARSERS = {str: str, float: float, int: lambda text: int(float(text))}  # CSV cell -> field type
@@ -46,6 +61,7 @@ class SweepOptions:
 
     patterns: tuple[str, ...] = field(default_factory=pattern_names)
     sparsities: tuple[float, ...] = DEFAULT_SPARSITIES
+    speedups: tuple[float, ...] = ()  # simulated VTA speedup targets (latency-target allocation), besides sparsities
     seeds: tuple[int, ...] = (0,)
     scope: str = "global"
     exclude: tuple[str, ...] = ()
@@ -84,11 +100,23 @@ class SweepOptions:
                 parts.append(f"{name} {getattr(self, name)}")
         return ", ".join(parts)
 
+    @property
+    def points(self) -> list["Point"]:
+        """Every point: (pattern, sparsity target, speedup target, seed), one of the targets None."""
+        targets = [(s, None) for s in self.sparsities] + [(None, x) for x in self.speedups]
+        return [(p, s, x, seed) for p in self.patterns for s, x in targets for seed in self.seeds]
+
     def check(self) -> None:
         """Reject a bad grid or recipe up front, before any point runs."""
+        if not self.sparsities and not self.speedups:
+            raise UserError("give sparsity targets (--sparsities) or speedup targets (--speedups)")
         for pattern in self.patterns:
-            for sparsity in self.sparsities:
+            for sparsity in self.sparsities or (0.0,):
                 PruneOptions(sparsity, pattern, self.scope, exclude=self.exclude, layer_floor=self.layer_floor).check()
+        for speedup in self.speedups:
+            LatencyTarget(speedup=speedup).check()
+        if self.speedups and self.gradual:
+            raise UserError("--gradual ramps a sparsity target; it does not combine with --speedups")
         if self.workers < 1 or self.epochs < 0 or not self.seeds:
             raise UserError("--workers must be 1 or more, --epochs 0 or more, and --seeds name at least one seed")
         if self.gradual and self.epochs == 0:
@@ -104,10 +132,11 @@ class SweepRow:
     """One point of the sweep: a row of ``results.csv``."""
 
     pattern: str
-    sparsity_target: float
+    sparsity_target: float | None
     epochs: int
     seed: int = 0
     recipe: str = ""
+    speedup_target: float | None = None  # a latency-target point (then no sparsity target)
     sparsity_achieved: float | None = None
     accuracy_before_ort: float | None = None
     accuracy_recalibrated_ort: float | None = None
@@ -118,9 +147,15 @@ class SweepRow:
     error: str = ""
 
     @property
-    def key(self) -> tuple[str, float, int, int, str]:
+    def key(self) -> tuple[str, float | None, float | None, int, int, str]:
         """What identifies a point across runs."""
-        return self.pattern, round(self.sparsity_target, 6), self.epochs, self.seed, self.recipe
+        targets = _rounded(self.sparsity_target), _rounded(self.speedup_target)
+        return self.pattern, *targets, self.epochs, self.seed, self.recipe
+
+    @property
+    def target(self) -> str:
+        """The point's target in words: ``0.7`` or ``1.5x``."""
+        return f"{self.speedup_target:g}x" if self.speedup_target is not None else f"{self.sparsity_target:g}"
 
     def to_dict(self) -> dict[str, object]:
         """JSON form; the CSV has the same columns."""
@@ -128,15 +163,22 @@ class SweepRow:
 
     @classmethod
     def from_csv(cls, row: dict[str, str]) -> "SweepRow":
-        """Read a CSV row back (empty cells are None)."""
+        """Read a CSV row back (empty cells are None, or the field's default)."""
         hints = get_type_hints(cls)
         parsers = {f.name: _PARSERS[getattr(hints[f.name], "__args__", (hints[f.name],))[0]] for f in fields(cls)}
-        return cls(**{k: parsers[k](v) for k, v in row.items() if k in parsers and v not in (None, "")})
+        optional = {name for name, hint in hints.items() if type(None) in getattr(hint, "__args__", ())}
+        values = {k: parsers[k](v) for k, v in row.items() if k in parsers and v not in (None, "")}
+        return cls(**{name: None for name in optional} | values)
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
 
 
 COLUMNS = [  # the CSV's column order (every field of SweepRow)
     "pattern",
     "sparsity_target",
+    "speedup_target",
     "sparsity_achieved",
     "epochs",
     "seed",
@@ -165,7 +207,17 @@ def read_rows(path: Path) -> list[SweepRow]:
 def write_rows(path: Path, rows: list[SweepRow]) -> None:
     """Rewrite the CSV atomically, rows sorted by pattern then sparsity."""
     order = {p: i for i, p in enumerate(pattern_names())}
-    rows = sorted(rows, key=lambda r: (order.get(r.pattern, len(order)), r.sparsity_target, r.epochs, r.seed, r.recipe))
+    rows = sorted(
+        rows,
+        key=lambda r: (
+            order.get(r.pattern, len(order)),
+            r.speedup_target or 0.0,
+            r.sparsity_target or 0.0,
+            r.epochs,
+            r.seed,
+            r.recipe,
+        ),
+    )
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -173,13 +225,16 @@ def write_rows(path: Path, rows: list[SweepRow]) -> None:
     write_text(path, text.getvalue())
 
 
-def run_point(model_path: str, data_path: str, out_dir: str, point: tuple[str, float, int], options: SweepOptions):
-    """One sweep point (pattern, sparsity, seed), in a worker process; never raises: failures go
-    into the row's ``error``."""
-    pattern, sparsity, seed = point
-    row = SweepRow(pattern, sparsity, options.epochs, seed, options.recipe)
+Point = tuple[str, float | None, float | None, int]  # pattern, sparsity target, speedup target, seed
+
+
+def run_point(model_path: str, data_path: str, out_dir: str, point: Point, options: SweepOptions):
+    """One sweep point (pattern, sparsity or speedup target, seed), in a worker process; never raises:
+    failures go into the row's ``error``."""
+    pattern, sparsity, speedup, seed = point
+    row = SweepRow(pattern, sparsity, options.epochs, seed, options.recipe, speedup)
     recipe = hashlib.sha256(options.recipe.encode()).hexdigest()[:8]
-    folder = Path(out_dir) / "points" / f"{pattern}-{sparsity:g}-seed{seed}-{recipe}"
+    folder = Path(out_dir) / "points" / f"{pattern}-{row.target}-seed{seed}-{recipe}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         _recover(Path(model_path), Path(data_path), folder, row, options)
@@ -193,11 +248,16 @@ def run_point(model_path: str, data_path: str, out_dir: str, point: tuple[str, f
 def _recover(dense: Path, data_path: Path, folder: Path, row: SweepRow, options: SweepOptions) -> None:
     """The pipeline for one point: prune, recalibrate, fine-tune, evaluate on ORT and VTA; fills ``row``."""
     prune_options = PruneOptions(
-        row.sparsity_target, row.pattern, options.scope, exclude=options.exclude, layer_floor=options.layer_floor
+        row.sparsity_target or 0.0, row.pattern, options.scope, exclude=options.exclude, layer_floor=options.layer_floor
     )
     final = dense  # gradual: fine-tuning prunes the dense model itself (no one-shot columns)
     if not options.gradual:
-        row.sparsity_achieved = round(prune_file(dense, folder / "pruned.onnx", prune_options).sparsity, 6)
+        if row.speedup_target is not None:
+            target = LatencyTarget(speedup=row.speedup_target)
+            report, _ = prune_latency_file(dense, folder / "pruned.onnx", target, VTAConfig(), prune_options)
+        else:
+            report = prune_file(dense, folder / "pruned.onnx", prune_options)
+        row.sparsity_achieved = round(report.sparsity, 6)
         final = folder / "recalibrated.onnx"
         recalibrated = recalibrate_file(
             folder / "pruned.onnx", dense, data_path, final, options.recalibration_images, options.eval_limit
@@ -236,12 +296,17 @@ def _dense_reference(model_path: Path, data_path: Path, out_dir: Path, eval_limi
         cached = json.loads(path.read_text()) if path.exists() else None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         cached = None  # unreadable: measured again and rewritten
-    if isinstance(cached, dict) and cached.get("eval_limit") == eval_limit and "accuracy_ort" in cached:
+    if isinstance(cached, dict) and cached.get("eval_limit") == eval_limit and _is_accuracy(cached.get("accuracy_ort")):
         return cached
     accuracy = evaluate(model_path, data_path, RunOptions(backend="ort", limit=eval_limit)).accuracy
     dense = {"accuracy_ort": accuracy, "eval_limit": eval_limit, "model": str(model_path)}
     write_text(path, json.dumps(dense, indent=2))
     return dense
+
+
+def _is_accuracy(value: object) -> bool:
+    """A number in [0, 1] (a cached accuracy that can be trusted)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
 
 
 def sweep(
@@ -253,24 +318,53 @@ def sweep(
 ) -> SweepResult:
     """Run every missing point; returns the dense reference and all rows."""
     options.check()
-    load_model(model_path)
     dataset = data.locate(data_path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out_dir):
-        return _sweep(model_path, data_path, dataset, out_dir, options, on_point)
+    check_sweep_inputs(load_model(model_path).model, dataset, out_dir)
+    created = not out_dir.exists()
+    out_dir.mkdir(exist_ok=True)
+    try:
+        with _exclusive(out_dir):
+            return _sweep(model_path, data_path, dataset, out_dir, options, on_point)
+    except BaseException:
+        if created and not any(out_dir.iterdir()):  # stopped before anything was written: leave no folder
+            out_dir.rmdir()
+        raise
+
+
+def check_sweep_inputs(model: onnx.ModelProto, dataset: data.Dataset, out_dir: Path) -> None:
+    """Everything that would fail every point, checked before the results folder is touched: finite
+    weights, a valid annotation and normalisation, a prunable layer, one image input that fits the train
+    and test images, class scores as output; and a results folder that is a folder in an existing one."""
+    check_finite_weights(model)
+    read_kept_tiles(model)
+    normalization_for(model)
+    if not any(layer.skip_reason is None and not layer.is_fc for layer in find_layers(model)):
+        raise UserError("the model has no prunable layer (conv, or FC with a constant weight); pass a CNN")
+    check_fits(model, dataset, ("train", "test"))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"-o {out_dir} is a file; give the path of a results folder")
+    if not out_dir.parent.is_dir():
+        raise UserError(f"the folder {out_dir.parent} of -o {out_dir} does not exist; create it or choose another")
 
 
 @contextmanager
 def _exclusive(out_dir: Path) -> Iterator[None]:
-    """Hold ``OUT/.sweep.lock`` for the sweep: a second sweep on the same folder is refused, not run twice."""
-    with open(out_dir / ".sweep.lock", "a") as lock:
+    """Hold a lock on the folder ``OUT`` itself for the sweep (no lock file is written): a second sweep
+    on the same folder is refused, not run twice."""
+    try:
+        folder = os.open(out_dir, os.O_RDONLY)
+    except OSError as exc:
+        raise UserError(f"cannot open the results folder {out_dir} ({exc.strerror}); choose another -o") from None
+    try:
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UserError(
                 f"another gpp-onnx sweep is writing to {out_dir}; wait for it or choose another -o"
             ) from None
         yield
+    finally:
+        os.close(folder)
 
 
 def _sweep(model_path: Path, data_path: Path, dataset, out_dir: Path, options: SweepOptions, on_point) -> SweepResult:
@@ -282,11 +376,9 @@ def _sweep(model_path: Path, data_path: Path, dataset, out_dir: Path, options: S
     done = {r.key for r in rows}
     dense = _dense_reference(model_path, data_path, out_dir, options.eval_limit)
     todo = [
-        (p, s, seed)
-        for p in options.patterns
-        for s in options.sparsities
-        for seed in options.seeds
-        if (p, round(s, 6), options.epochs, seed, options.recipe) not in done
+        (p, s, x, seed)
+        for p, s, x, seed in options.points
+        if (p, _rounded(s), _rounded(x), options.epochs, seed, options.recipe) not in done
     ]
     for row in _run_points(model_path, data_path, out_dir, todo, options):
         rows.append(row)

@@ -15,9 +15,12 @@ always marked pruned (for free).
   closest to the target is pruned.
 
 A *layer floor* ``f`` (both scopes) protects the ``ceil(f * units)`` highest-scoring units
-of every layer, and unless empty layers are allowed at least its best unit, so that no layer
-is emptied however high the target (an emptied layer ignores its input); the achieved
-sparsity then stays below the target where the floor forbids more.
+of every layer (of every group of a grouped conv), and unless empty layers are allowed at least
+its best unit, so that no layer or group is emptied however high the target (an emptied layer
+ignores its input); the achieved sparsity then stays below the target where the floor forbids more.
+
+* explicit counts (:func:`select_counts`): the caller says how many units of each layer to prune,
+  in the layer's own ranking (a latency target's allocation, which prices units in cycles).
 
 Ties are broken by position (layer order, then unit order), so results are deterministic.
 """
@@ -54,19 +57,48 @@ def _mask(order: np.ndarray, k: int) -> np.ndarray:
 
 
 def protected_scores(units: Units, floor: float, allow_empty: bool = False) -> np.ndarray:
-    """The unit scores with the layer's ``ceil(floor * units)`` best units - at least one unless
+    """The unit scores with each conv group's ``ceil(floor * units)`` best units - at least one unless
     ``allow_empty`` - raised to +inf (never pruned); units that are already all zero are never
-    protected (they cost nothing and VTA skips them)."""
-    score = units.score.astype(np.float64, copy=True)
-    keep = max(int(np.ceil(floor * score.size - 1e-9)) if floor > 0 else 0, 0 if allow_empty else 1)
+    protected (they cost nothing and VTA skips them). A group of a grouped conv is a conv of its
+    own: emptying one silences its output channels. Where every group is a single unit (a depthwise
+    conv under the channel pattern: the unit is the group) the layer as a whole keeps its best."""
+    groups = units.grid[0] if units.grid and units.cost.size > units.grid[0] else 1
+    score = units.score.astype(np.float64, copy=True).reshape(groups, -1)
+    cost = units.cost.reshape(groups, -1)
+    keep = max(int(np.ceil(floor * score.shape[1] - 1e-9)) if floor > 0 else 0, 0 if allow_empty else 1)
     if keep:
-        best = np.argsort(-score, kind="stable")[:keep]
-        score[best[units.cost[best] > 0]] = np.inf
-    return score
+        best = np.argsort(-score, axis=1, kind="stable")[:, :keep]
+        rows = np.repeat(np.arange(groups), best.shape[1])
+        columns = best.reshape(-1)
+        costly = cost[rows, columns] > 0
+        score[rows[costly], columns[costly]] = np.inf
+    return score.reshape(-1)
 
 
 def _prunable(scores: np.ndarray) -> int:
     return int(np.isfinite(scores).sum())
+
+
+def prune_order(units: Units, floor: float = 0.0, allow_empty: bool = False) -> np.ndarray:
+    """The indices of a layer's prunable units (floor-protected ones excluded), lowest score first:
+    already all-zero units lead (they cost nothing)."""
+    scores = protected_scores(units, floor, allow_empty)
+    return np.argsort(scores, kind="stable")[: _prunable(scores)]
+
+
+def select_counts(
+    layers: list[Units], counts: list[int], floor: float = 0.0, allow_empty: bool = False
+) -> list[np.ndarray]:
+    """Pruned-unit masks that prune the ``counts[i]`` first units of layer i's :func:`prune_order` (at
+    least its all-zero units, at most its prunable ones): the allocation of a latency target."""
+    masks = []
+    for units, count in zip(layers, counts):
+        order = prune_order(units, floor, allow_empty)
+        k = min(max(count, _free_count(units.cost[order])), order.size)
+        mask = np.zeros(units.cost.size, bool)
+        mask[order[:k]] = True
+        masks.append(mask)
+    return masks
 
 
 def select_per_layer(

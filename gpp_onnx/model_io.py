@@ -10,6 +10,7 @@ from typing import Iterator
 
 import numpy as np
 import onnx
+from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
 
 from gpp_onnx.errors import UserError
@@ -70,8 +71,8 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
     path = check_input_path(source)
     try:
         model = onnx.load(path, load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError) as exc:
-        raise UserError(
+    except (DecodeError, json_format.ParseError, text_format.ParseError, RuntimeError, ValueError) as exc:
+        raise UserError(  # onnx.load reads .json and .txt / .textproto files in those formats
             f"{path} is not a readable ONNX model ({first_line(exc)}); "
             "pass an ONNX file, re-exporting it if it was truncated"
         ) from None

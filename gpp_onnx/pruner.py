@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TypeVar
 
@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from gpp_onnx._version import __version__
-from gpp_onnx.allocation import SCOPES, select_global, select_per_layer
+from gpp_onnx.allocation import SCOPES, prune_order, select_counts, select_global, select_per_layer
 from gpp_onnx.annotation import (
     Annotation,
     SkippedLayer,
@@ -23,7 +23,7 @@ from gpp_onnx.annotation import (
 )
 from gpp_onnx.errors import UserError
 from gpp_onnx.model_io import LoadedModel, load_model
-from gpp_onnx.patterns import Pattern, Units, canonical, canonical_shape, from_canonical, get_pattern
+from gpp_onnx.patterns import Pattern, Units, canonical, canonical_shape, from_canonical, get_pattern, tile_sum
 from gpp_onnx.progress import Track, no_progress
 from gpp_onnx.report import Report, annotated_statuses, build_report
 from gpp_onnx.tiles import TileShape
@@ -35,6 +35,7 @@ ModelSource = str | os.PathLike[str] | onnx.ModelProto | LoadedModel
 DEFAULT_SPARSITY = 0.5
 DEFAULT_PATTERN = "group"
 DEFAULT_SCOPE = "layer"
+IMPORTANCE_MEASURES = ("layer-share", "magnitude")  # what LayerRanking.importance can measure
 
 
 def resolve_tile(tile: TileShape | str | object | None) -> TileShape:
@@ -119,7 +120,13 @@ def _zero_units(layer: Layer, unit: Units, pruned_units: np.ndarray, pattern: Pa
 
 
 def _annotation(
-    options: PruneOptions, tile: TileShape, report: Report, eligible: list[Layer], skipped: list[SkippedLayer]
+    options: PruneOptions,
+    scope: str,
+    target: float,
+    tile: TileShape,
+    report: Report,
+    eligible: list[Layer],
+    skipped: list[SkippedLayer],
 ) -> Annotation:
     rows = {row.weight: row for row in report.layers}
     weights = [
@@ -135,9 +142,7 @@ def _annotation(
         )
         for layer in eligible
     ]
-    return Annotation(
-        __version__, tile, options.pattern, options.scope, float(options.sparsity), report.sparsity, weights, skipped
-    )
+    return Annotation(__version__, tile, options.pattern, scope, target, report.sparsity, weights, skipped)
 
 
 def prune(
@@ -162,28 +167,130 @@ def prune(
     (a layer of zeros ignores its input) unless ``allow_empty_layers``.
     """
     options = PruneOptions(sparsity, pattern, scope, tile, tuple(exclude), include_fc, layer_floor, allow_empty_layers)
+    select = select_global if scope == "global" else select_per_layer
+    return _prune(
+        model,
+        options,
+        lambda units, _: select(units, float(sparsity), layer_floor, allow_empty_layers),
+        track,
+        scope,
+        float(sparsity),
+    )
+
+
+def prune_counts(
+    model: ModelSource,
+    counts: Mapping[str, int],
+    options: PruneOptions,
+    skip: Mapping[str, str] | None = None,
+    track: Track = no_progress,
+    scope: str = "latency",
+) -> tuple[onnx.ModelProto, Report]:
+    """Prune ``counts[weight]`` units of each layer, in its :func:`rank_layers` order (0 for a layer
+    absent from ``counts``); the layers in ``skip`` (weight -> reason) stay dense with that reason.
+    ``options`` gives the pattern, tile, exclusions, floor (its sparsity is not used); the report
+    and annotation name ``scope``, with the achieved sparsity as their target."""
+
+    def select(units: list[Units], eligible: list[Layer]) -> list[np.ndarray]:
+        wanted = [int(counts.get(layer.weight, 0)) for layer in eligible]
+        return select_counts(units, wanted, options.layer_floor, options.allow_empty_layers)
+
+    return _prune(model, options, select, track, scope, None, skip or {})
+
+
+def _prune(
+    model: ModelSource,
+    options: PruneOptions,
+    select: Callable[[list[Units], list[Layer]], list[np.ndarray]],
+    track: Track,
+    scope: str,
+    target: float | None,
+    skip: Mapping[str, str] | None = None,
+) -> tuple[onnx.ModelProto, Report]:
+    """Score the eligible layers' units, zero those ``select`` picks, report and annotate."""
     exclude_rx = options.check()
-    tile_shape, chosen_pattern = resolve_tile(tile), get_pattern(pattern)
+    tile_shape, chosen_pattern = resolve_tile(options.tile), get_pattern(options.pattern)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     check_finite_weights(loaded.model)
     pruned = onnx.ModelProto()
     pruned.CopyFrom(loaded.model)
     layers = find_layers(pruned)
-    reasons = {layer.weight: _skip_reason(layer, chosen_pattern, exclude_rx, include_fc) for layer in layers}
+    reasons = _reasons(layers, chosen_pattern, exclude_rx, options.include_fc, skip or {})
     eligible = [layer for layer in layers if reasons[layer.weight] is None]
     if not eligible:
         raise _no_prunable_layer(layers, reasons)
     units = [_units(layer, chosen_pattern, tile_shape) for layer in track(eligible, "scoring", len(eligible))]
-    select = select_global if scope == "global" else select_per_layer
-    chosen = select(units, float(sparsity), layer_floor, allow_empty_layers)
+    chosen = select(units, eligible)
     for layer, unit, pruned_units in track(list(zip(eligible, units, chosen)), "pruning", len(eligible)):
         _zero_units(layer, unit, pruned_units, chosen_pattern, tile_shape)
     statuses = {w: ("pruned", None) if r is None else ("skipped", r) for w, r in reasons.items()}
-    report = build_report(layers, statuses, tile_shape, pattern, scope, float(sparsity))
+    report = build_report(layers, statuses, tile_shape, options.pattern, scope, target)
     skipped = [SkippedLayer(layer.nodes, layer.weight, reasons[layer.weight] or "") for layer in layers]
     skipped = [s for s in skipped if reasons[s.weight] is not None]
-    write_annotation(pruned, _annotation(options, tile_shape, report, eligible, skipped))
+    recorded_target = report.sparsity if target is None else target
+    write_annotation(pruned, _annotation(options, scope, recorded_target, tile_shape, report, eligible, skipped))
     return pruned, report
+
+
+def _reasons(
+    layers: list[Layer], pattern: Pattern, exclude: list[re.Pattern[str]], include_fc: bool, skip: Mapping[str, str]
+) -> dict[str, str | None]:
+    """Why each layer is not pruned (None: it is)."""
+    return {
+        layer.weight: skip.get(layer.weight) or _skip_reason(layer, pattern, exclude, include_fc) for layer in layers
+    }
+
+
+@dataclass(frozen=True)
+class LayerRanking:
+    """One prunable layer's units in the order :func:`prune_counts` prunes them."""
+
+    layer: Layer
+    units: Units
+    order: np.ndarray  # the prunable units (floor-protected ones excluded), first pruned first
+    pattern: Pattern
+    tile: TileShape
+
+    def importance(self, measure: str = "layer-share") -> np.ndarray:
+        """Importance removed by pruning the first k units, k = 0..len(order). ``layer-share``: the share of
+        the layer's weight magnitude they hold (every layer weighs the same); ``magnitude``: their
+        magnitude over the layer's mean magnitude, in weights (the global scope's measure: layers with
+        few weights weigh less)."""
+        if measure not in IMPORTANCE_MEASURES:
+            raise UserError(f"unknown importance measure {measure!r}; use one of {', '.join(IMPORTANCE_MEASURES)}")
+        total = self.units.l1.sum()
+        if total <= 0:
+            return np.zeros(self.order.size + 1)
+        share = np.concatenate(([0.0], np.cumsum(self.units.l1[self.order]))) / total
+        return share * self.units.size.sum() if measure == "magnitude" else share
+
+    def kept_tiles(self, count: int) -> np.ndarray:
+        """bool ``[G, OT, IT, P]``: the tiles that hold a nonzero once the first ``count`` units are pruned."""
+        pruned = np.zeros(self.units.cost.size, bool)
+        pruned[self.order[:count]] = True
+        mask = self.pattern.expand(pruned.reshape(self.units.grid), self.tile, canonical_shape(self.layer))
+        stored = self.layer.stored
+        assert stored is not None
+        nonzero = canonical(stored.nonzero(), self.layer) & ~mask
+        return tile_sum(nonzero.astype(np.int32), self.tile) > 0
+
+
+def rank_layers(model: ModelSource, options: PruneOptions, skip: Mapping[str, str] | None = None) -> list[LayerRanking]:
+    """The eligible layers of ``model`` (as :func:`prune_counts` with these ``options`` and ``skip`` sees
+    them), each with its units ranked; the model is not modified."""
+    exclude_rx = options.check()
+    tile_shape, chosen_pattern = resolve_tile(options.tile), get_pattern(options.pattern)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    check_finite_weights(loaded.model)
+    layers = find_layers(loaded.model)
+    reasons = _reasons(layers, chosen_pattern, exclude_rx, options.include_fc, skip or {})
+    rankings = []
+    for layer in layers:
+        if reasons[layer.weight] is None:
+            units = _units(layer, chosen_pattern, tile_shape)
+            order = prune_order(units, options.layer_floor, options.allow_empty_layers)
+            rankings.append(LayerRanking(layer, units, order, chosen_pattern, tile_shape))
+    return rankings
 
 
 def inspect(model: ModelSource, tile: TileShape | str | object | None = None) -> Report:

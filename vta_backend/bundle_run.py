@@ -51,15 +51,32 @@ def _summary(folder: Path) -> dict:
     return summary
 
 
+# What reading a summary entry or program file that was edited by hand raises.
+MALFORMED = (KeyError, TypeError, ValueError, IndexError, AttributeError)
+
+
+def _malformed(folder: Path, exc: Exception) -> UserError:
+    """The one-line error for a bundle whose summary.json or program files do not fit together."""
+    return UserError(
+        f"{folder / SUMMARY} or its program files are malformed ({type(exc).__name__}: {exc}); re-run gpp-onnx compile"
+    )
+
+
 def open_program(folder: str | Path, name: str) -> BundleProgram:
     """The program ``name`` of the bundle in ``folder`` (UserError listing the names when absent)."""
     folder = Path(folder)
     summary = _summary(folder)
-    names = [entry["name"] for entry in summary["programs"]]
-    if name not in names:
-        raise UserError(f"no program {name!r} in {folder}; programs: {', '.join(names)}")
-    config = VTAConfig.from_dict(summary["config"], str(folder / SUMMARY))
-    return BundleProgram(folder, summary["programs"][names.index(name)], config)
+    try:
+        names = [str(entry["name"]) for entry in summary["programs"]]
+        if name not in names:
+            raise UserError(f"no program {name!r} in {folder}; programs: {', '.join(names)}")
+        entry = summary["programs"][names.index(name)]
+        if not isinstance(entry, dict):
+            raise TypeError(f"program {name!r} is described by a {type(entry).__name__}")
+        config = VTAConfig.from_dict(summary["config"], str(folder / SUMMARY))
+    except MALFORMED as exc:
+        raise _malformed(folder, exc) from None
+    return BundleProgram(folder, entry, config)
 
 
 def _raw_input(program: BundleProgram, tensor: str, data: bytes | None) -> bytes:
@@ -81,7 +98,16 @@ def _raw_input(program: BundleProgram, tensor: str, data: bytes | None) -> bytes
 
 
 def run_program(program: BundleProgram, inputs: bytes, residual: bytes | None = None) -> bytes:
-    """The raw OUT buffer the program writes for one image, given the raw input (and residual) files."""
+    """The raw OUT buffer the program writes for one image, given the raw input (and residual) files;
+    UserError when summary.json and the program files do not fit together."""
+    try:
+        return _run(program, inputs, residual)
+    except MALFORMED as exc:
+        raise _malformed(program.folder, exc) from None
+
+
+def _run(program: BundleProgram, inputs: bytes, residual: bytes | None) -> bytes:
+    """:func:`run_program` without the translation of malformed-bundle errors."""
     c = program.config
     images = _raw_input(program, "input", inputs) + _raw_input(program, "residual", residual)
     if program.entry["constants"] is not None:  # the input buffer: input, residual, then the constants

@@ -30,7 +30,8 @@ from onnx import numpy_helper
 
 from gpp_onnx.errors import UserError
 from gpp_onnx.files import write_text
-from vta_backend.quant import shift_for
+from vta_backend.integer_convs import expand_integer_convs
+from vta_backend.quant import SHIFT_LIMIT, shift_for
 
 # our method names -> onnxruntime.quantization.CalibrationMethod members
 METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
@@ -107,10 +108,11 @@ def calibrate(
     (data set, split, normalisation). ``cache_dir`` defaults to :func:`default_cache_dir`.
     """
     options.check()
+    model = expand_integer_convs(model)  # QLinearConv / ConvInteger run on VTA as QDQ convs: their inputs too
     key = cache_key(model, options, data)
     path = cache_file(key, cache_dir or default_cache_dir())
     cached = _read_cache(path, key)
-    if cached is not None:
+    if cached is not None and not missing_shifts(model, cached):
         return cached, True
     shifts = _measure(model, feeds, options)
     _write_cache(path, key, shifts)
@@ -209,6 +211,22 @@ def power_of_two_shift(calibrated_range: float, histogram: tuple | None) -> int:
     return min((coarse, coarse + 1), key=error)
 
 
+def missing_shifts(model: onnx.ModelProto, shifts: Mapping[str, int]) -> list[str]:
+    """Conv inputs and outputs without a shift (a conv reading a graph input is exempt: it may stay on the CPU)."""
+    model = expand_integer_convs(model)
+    graph_inputs = {i.name for i in model.graph.input}
+    needed = []
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            needed += [name for name in (node.input[0], node.output[0]) if name not in graph_inputs]
+    return [name for name in needed if name not in shifts]
+
+
+def _valid_shift(value: object) -> bool:
+    """A shift calibration can give: an integer within -SHIFT_LIMIT..MAX_ACTIVATION_SHIFT."""
+    return isinstance(value, int) and not isinstance(value, bool) and -SHIFT_LIMIT <= value <= MAX_ACTIVATION_SHIFT
+
+
 def _read_cache(path: Path, key: dict) -> dict[str, int] | None:
     """The cached shifts for ``key``; None when absent, for another key, or malformed (then it is rebuilt)."""
     try:
@@ -218,7 +236,7 @@ def _read_cache(path: Path, key: dict) -> dict[str, int] | None:
     if not isinstance(doc, dict) or doc.get("key") != key or not isinstance(doc.get("shifts"), dict):
         return None
     shifts = doc["shifts"]
-    if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in shifts.items()):
+    if not all(isinstance(k, str) and _valid_shift(v) for k, v in shifts.items()):
         return None
     return dict(shifts)
 

@@ -206,10 +206,10 @@ def extract_convs(
 
 OTHER_CONVS = {  # conv nodes listed with why they stay on the CPU
     "ConvTranspose": "ConvTranspose: VTA's conv2d schedule runs convolutions, not transposed ones; stays on the CPU",
-    "QLinearConv": "QLinearConv (an integer conv with its own zero points) is not mapped to VTA; stays on the CPU "
-    "(export the model in QDQ format: its convs run on VTA)",
-    "ConvInteger": "ConvInteger (dynamically quantized) is not mapped to VTA; stays on the CPU "
-    "(export the float or QDQ model: its convs run on VTA)",
+    "QLinearConv": "QLinearConv with computed scales or in an opset below 13 is not mapped to VTA; stays on the CPU "
+    "(convert the model to opset 13, or export it in QDQ format)",
+    "ConvInteger": "ConvInteger with computed zero points or in an opset below 13 is not mapped to VTA; stays on the "
+    "CPU (convert the model to opset 13, or export the float or QDQ model)",
 }
 
 

@@ -149,11 +149,7 @@ class VtaConv:
 
     def stats(self) -> LayerStats:
         """Simulated cycles, with the dense and the fully pruned variants for comparison."""
-        # Cycles do not depend on weight values: all-ones issues every tile, all-zeros none.
-        every_tile = replace(self.conv, weight=np.ones_like(self.conv.weight), kept=None)
-        dense = VtaConv.compile(every_tile, self.in_shape, self.config).timing()
-        no_tiles = replace(self.conv, weight=np.zeros_like(self.conv.weight), kept=None)
-        floor = VtaConv.compile(no_tiles, self.in_shape, self.config).timing()
+        dense, floor = reference_cycles(self.conv, self.in_shape, self.config)
         timing = self.timing()
         requantization = REQUANTIZATION_PASSES * sum(p.geometry.output_vectors for p in self.programs)
         return LayerStats(
@@ -163,9 +159,19 @@ class VtaConv:
             gemm_uops_dense=sum(p.stats["gemm_uops_dense"] for p in self.programs),
             tiles_total=sum(p.stats["tiles_total"] for p in self.programs),
             tiles_kept=sum(p.stats["tiles_kept"] for p in self.programs),
-            dense_cycles=dense.cycles,
-            floor_cycles=floor.cycles,
+            dense_cycles=dense,
+            floor_cycles=floor,
             lower_bound=timing.gemm_uops + requantization,
             residual_path=self.programs[0].residual_path,
             config=self.config,
         )
+
+
+def reference_cycles(conv: QuantConv, in_shape: tuple[int, int, int], config: VTAConfig) -> tuple[int, int]:
+    """Simulated cycles of ``conv`` with every weight tile issued (dense) and with none (every tile
+    pruned: what pruning cannot remove). Cycles do not depend on weight values: all-ones issues
+    every tile, all-zeros none."""
+    every_tile = replace(conv, weight=np.ones_like(conv.weight), kept=None)
+    no_tiles = replace(conv, weight=np.zeros_like(conv.weight), kept=None)
+    dense = VtaConv.compile(every_tile, in_shape, config).timing().cycles
+    return dense, VtaConv.compile(no_tiles, in_shape, config).timing().cycles

@@ -15,6 +15,7 @@ from gpp_onnx.progress import Track, no_progress
 from gpp_onnx.weights import check_finite_weights
 from vta_backend.config import VTAConfig
 from vta_backend.importer import ConvSite, extract_convs
+from vta_backend.integer_convs import expand_integer_convs
 from vta_backend.layer import LayerStats, VtaConv
 from vta_backend.quantization import DEFAULT_QUANTIZATION, QuantizationOptions
 from vta_backend.report import Placement, VtaReport
@@ -45,7 +46,7 @@ class CompiledModel:
     @property
     def placement(self) -> list[Placement]:
         """Where every Conv node runs, in graph order."""
-        return [Placement(s.node, "vta" if s.conv is not None else "cpu", s.reason) for s in self.sites]
+        return placements(self.sites)
 
     def report(self) -> VtaReport:
         """Totals and per-layer figures for one image (all simulated), and every conv's placement."""
@@ -69,13 +70,8 @@ def compile_model(
     :func:`gpp_onnx.annotation.read_kept_tiles` result, or None (no annotation: only all-zero
     tiles are skipped). ``track(items, description, total)`` may wrap the loop in a progress bar.
     """
-    check_finite_weights(model)
-    if kept is READ_FROM_MODEL:
-        kept = read_kept_tiles(model)
-    sites = extract_convs(model, config, input_shape, activation_shifts, quantization, kept)
+    sites = conv_sites(model, config, input_shape, activation_shifts, quantization, kept)
     runnable = [s for s in sites if s.conv is not None]
-    if not runnable:
-        raise UserError(_nothing_to_run(sites))
     layers, stats = {}, {}
     for site in track(runnable, "compiling", len(runnable)):
         assert site.conv is not None and site.in_shape is not None
@@ -83,6 +79,31 @@ def compile_model(
         layers[site.node] = layer
         stats[site.node] = layer.stats()
     return CompiledModel(config, sites, layers, stats)
+
+
+def conv_sites(
+    model: onnx.ModelProto,
+    config: VTAConfig,
+    input_shape: tuple[int, ...] | None = None,
+    activation_shifts: Mapping[str, int] | None = None,
+    quantization: QuantizationOptions = DEFAULT_QUANTIZATION,
+    kept: KeptArgument = READ_FROM_MODEL,
+) -> list[ConvSite]:
+    """Every Conv node of ``model`` as :func:`compile_model` sees it (same arguments), not compiled;
+    UserError when none can run on VTA (naming each conv's reason)."""
+    check_finite_weights(model)
+    if kept is READ_FROM_MODEL:
+        kept = read_kept_tiles(model)
+    model = expand_integer_convs(model)  # QLinearConv / ConvInteger as float convs between DQ and Q
+    sites = extract_convs(model, config, input_shape, activation_shifts, quantization, kept)
+    if not any(s.conv is not None for s in sites):
+        raise UserError(_nothing_to_run(sites))
+    return sites
+
+
+def placements(sites: list[ConvSite]) -> list[Placement]:
+    """Where every Conv node runs, in graph order."""
+    return [Placement(s.node, "vta" if s.conv is not None else "cpu", s.reason) for s in sites]
 
 
 def _nothing_to_run(sites: list[ConvSite]) -> str:

@@ -23,8 +23,10 @@ from gpp_onnx.errors import UserError
 from gpp_onnx.model_io import load_model
 from gpp_onnx.weights import GraphIndex
 from vta_backend import ort_op
+from vta_backend.calibration import missing_shifts
 from vta_backend.config import VTAConfig
 from vta_backend.importer import ConvSite
+from vta_backend.integer_convs import expand_integer_convs
 from vta_backend.model import READ_FROM_MODEL, CompiledModel, KeptArgument, compile_model
 from vta_backend.quantization import DEFAULT_QUANTIZATION, QuantizationOptions
 from vta_backend.report import VtaReport
@@ -215,15 +217,15 @@ class VtaSession:
         kept: KeptArgument = READ_FROM_MODEL,
     ) -> None:
         self._keys: list[str] = []  # first: close() must work however far __init__ got
-        loaded = load_model(model)
+        source = expand_integer_convs(load_model(model).model)  # QLinearConv / ConvInteger as QDQ convs
         self.config = config or VTAConfig()
-        missing = _uncalibrated(loaded.model, activation_shifts)
+        missing = missing_shifts(source, activation_shifts)
         if missing:
             raise UserError(f"no activation scale for tensor(s) {', '.join(missing[:3])}; calibrate the model first")
         self.compiled = compile_model(
-            loaded.model, self.config, activation_shifts=activation_shifts, quantization=quantization, kept=kept
+            source, self.config, activation_shifts=activation_shifts, quantization=quantization, kept=kept
         )
-        rewritten, kernels = rewrite(loaded.model, self.compiled, f"s{next(_SESSION_IDS)}")
+        rewritten, kernels = rewrite(source, self.compiled, f"s{next(_SESSION_IDS)}")
         for key, kernel in kernels.items():
             self._keys.append(key)
             ort_op.register(key, kernel)
@@ -255,13 +257,3 @@ class VtaSession:
     def __del__(self) -> None:
         if hasattr(self, "_keys"):  # absent only when the arguments did not even bind to __init__
             self.close()
-
-
-def _uncalibrated(model: onnx.ModelProto, shifts: Mapping[str, int]) -> list[str]:
-    """Conv inputs and outputs without a shift (a first-conv input is exempt: it may stay on the CPU)."""
-    graph_inputs = {i.name for i in model.graph.input}
-    needed = []
-    for node in model.graph.node:
-        if node.op_type == "Conv":
-            needed += [name for name in (node.input[0], node.output[0]) if name not in graph_inputs]
-    return [name for name in needed if name not in shifts]

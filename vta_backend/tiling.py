@@ -65,7 +65,7 @@ def partition(total: int, size: int, lead: int = 0, tail: int = 0) -> list[int]:
     return ([lead] if lead else []) + middle + ([tail] if tail else [])
 
 
-@dataclass
+@dataclass(frozen=True)
 class Geometry:
     """Sizes of one conv group on VTA."""
 
@@ -280,6 +280,25 @@ def _immediate_pass_count(amount: int) -> int:
 
 
 def _block_work(
+    conv: QuantConv,
+    g: Geometry,
+    config: VTAConfig,
+    block: tuple[int, int, int],
+    density: float,
+    tiling: Tiling,
+    memo: dict | None = None,
+) -> tuple[int, int, int, int]:
+    """:func:`_work_of_block`, remembered in ``memo`` when given (one tiling search prices the same
+    blocks many times)."""
+    if memo is None:
+        return _work_of_block(conv, g, config, block, density, tiling)
+    key = (block, density, tiling.bias_by_gemm, tiling.resident_vectors)
+    if key not in memo:
+        memo[key] = _work_of_block(conv, g, config, block, density, tiling)
+    return memo[key]
+
+
+def _work_of_block(
     conv: QuantConv, g: Geometry, config: VTAConfig, block: tuple[int, int, int], density: float, tiling: Tiling
 ) -> tuple[int, int, int, int]:
     """Busy cycles of one block of ``(oc tiles, rows, cols)`` per module (load, compute, store), and the
@@ -313,8 +332,11 @@ def _block_work(
     return load, compute, _dma(MemType.OUT, outputs, config), max(0, step_load - head)
 
 
-def estimate_cycles(conv: QuantConv, g: Geometry, config: VTAConfig, tiling: Tiling, density: float = 1.0) -> int:
-    """Estimated cycles of a program with this tiling whose blocks issue ``density`` of their weight tiles.
+def estimate_cycles(
+    conv: QuantConv, g: Geometry, config: VTAConfig, tiling: Tiling, density: float = 1.0, memo: dict | None = None
+) -> int:
+    """Estimated cycles of a program with this tiling whose blocks issue ``density`` of their weight tiles
+    (``memo``: a dict shared by the estimates of one conv, geometry and config, or None).
 
     Double-buffered, the load, compute and store modules overlap: every block costs its busiest
     module's work, plus the first block's first step loads before any GEMM and the last block's
@@ -323,11 +345,11 @@ def estimate_cycles(conv: QuantConv, g: Geometry, config: VTAConfig, tiling: Til
     parts = tiling.parts(g)
     total = 0
     for block, count in Counter(itertools.product(*parts)).items():
-        load, compute, store, _ = _block_work(conv, g, config, block, density, tiling)
+        load, compute, store, _ = _block_work(conv, g, config, block, density, tiling, memo)
         total += count * (max(load, compute, store) if tiling.double_buffered else load + compute + store)
     if not tiling.double_buffered:
         return total
-    first = _block_work(conv, g, config, tuple(p[0] for p in parts), density, tiling)[3]
+    first = _block_work(conv, g, config, tuple(p[0] for p in parts), density, tiling, memo)[3]
     ob, rows, cols = (p[-1] for p in parts)
     kinds = len(vector_kinds(conv, tiling.bias_by_gemm))
     resident = kinds * _dma(MemType.ACC, g.oc_tiles, config) if tiling.resident_vectors and kinds else 0
@@ -366,9 +388,10 @@ def choose_tilings(
             if tiling is not None:  # fewer rows only costs more for this (ob, cols)
                 feasible.append(tiling)
         if feasible:
-            ranked = sorted(feasible, key=lambda t: estimate_cycles(conv, g, config, t, density))[:count]
+            memo: dict = {}
+            ranked = sorted(feasible, key=lambda t: estimate_cycles(conv, g, config, t, density, memo))[:count]
             variants = [v for t in ranked for v in _lead_variants(t) if _fits(conv, g, config, v)]
-            return sorted(variants, key=lambda t: estimate_cycles(conv, g, config, t, density))[:count]
+            return sorted(variants, key=lambda t: estimate_cycles(conv, g, config, t, density, memo))[:count]
     smallest = AccLayout.of(conv, g, Tiling(1, 1, 1, False)).total
     raise CompileError(
         f"layer {conv.name}: does not fit VTA's buffers ({config.BOARD}) even one output pixel and one channel "

@@ -3,6 +3,7 @@ registers the commands, which live in one module per concern."""
 
 from __future__ import annotations
 
+import atexit
 import signal
 import sys
 
@@ -52,5 +53,15 @@ def main() -> None:
             )
         sys.exit(getattr(exc, "exit_code", 2))
     if code == INTERRUPTED:  # Typer returns it for a KeyboardInterrupt
-        stderr.print("error: interrupted; no output was written", markup=False, highlight=False)
+        stderr.print("error: interrupted; no partial output was left behind", markup=False, highlight=False)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _ignore_interruptions() -> None:
+    """At interpreter shutdown the command is over and there is nothing left to clean up: a late SIGINT or
+    SIGTERM (Python resets its handlers while it shuts down) must not turn a finished command into a kill."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+atexit.register(_ignore_interruptions)

@@ -21,8 +21,17 @@ from gpp_onnx.errors import UserError
 from gpp_onnx.model_io import check_output_path
 from gpp_onnx.tiles import TileShape
 
-stdout = Console()
-stderr = Console(stderr=True)
+LOG_COLUMNS = 160  # the width of tables written to a file or a CI log (rich would wrap them at 80)
+
+
+def _width(stream: object) -> int | None:
+    """None (the terminal's own width) on a terminal or where COLUMNS says, else LOG_COLUMNS."""
+    isatty = getattr(stream, "isatty", None)
+    return None if os.environ.get("COLUMNS") or (isatty is not None and isatty()) else LOG_COLUMNS
+
+
+stdout = Console(width=_width(sys.stdout))
+stderr = Console(stderr=True, width=_width(sys.stderr))
 T = TypeVar("T")
 
 

@@ -9,23 +9,58 @@ import typer
 from rich.table import Table
 
 from gpp_app.cli.common import (
+    BoardOpt,
     JsonOpt,
     ModelArg,
     Output,
     PlotOpt,
     TileOpt,
+    VtaConfigOpt,
     check_plot_path,
     command,
+    load_vta_config,
     parse_tile,
     progress,
     stdout,
 )
 from gpp_app.recalibrate import DEFAULT_RECALIBRATION_IMAGES
+from gpp_onnx.errors import UserError
 from gpp_onnx.model_io import check_input_path, check_output_path
 from gpp_onnx.patterns import pattern_names
 from gpp_onnx.pruner import DEFAULT_PATTERN, DEFAULT_SCOPE, DEFAULT_SPARSITY, PruneOptions
 from gpp_onnx.pruner import inspect as inspect_model
 from gpp_onnx.report import Report
+from vta_backend.config import VTAConfig
+from vta_backend.latency import LatencyReport, LatencyTarget
+
+SparsityOpt = Annotated[
+    Optional[float],
+    typer.Option("--sparsity", "-s", help=f"Fraction of prunable weights to zero, in [0, 1) [{DEFAULT_SPARSITY}]."),
+]
+ScopeOpt = Annotated[
+    Optional[str],
+    typer.Option("--scope", help=f"layer (each layer at the target) or global (one ranking) [{DEFAULT_SCOPE}]."),
+]
+TargetSpeedupOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--target-speedup",
+        help="Instead of a sparsity: prune VTA convs until the simulated speedup over the dense program is this.",
+    ),
+]
+TargetCyclesOpt = Annotated[
+    Optional[int],
+    typer.Option("--target-cycles", help="Instead of a sparsity: prune until this many simulated VTA cycles."),
+]
+ExcludeOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--exclude", "-x", help="Regex on node or weight names to keep dense; repeatable."),
+]
+IncludeFcOpt = Annotated[bool, typer.Option("--include-fc", help="Also prune Gemm/MatMul with constant weights.")]
+AllowEmptyOpt = Annotated[
+    bool,
+    typer.Option("--allow-empty-layers", help="Let pruning zero a whole layer (by default each keeps its best unit)."),
+]
 
 
 def print_report(report: Report, title: str) -> None:
@@ -80,31 +115,21 @@ def prune(
     output: Annotated[
         Optional[Path], typer.Option("--output", "-o", help="Output model (default: MODEL-pruned.onnx).")
     ] = None,
-    sparsity: Annotated[
-        float, typer.Option("--sparsity", "-s", help="Fraction of prunable weights to zero, in [0, 1).")
-    ] = DEFAULT_SPARSITY,
+    sparsity: SparsityOpt = None,
     pattern: Annotated[str, typer.Option("--pattern", "-p", help=f"{', '.join(pattern_names())}.")] = DEFAULT_PATTERN,
-    scope: Annotated[
-        str, typer.Option("--scope", help="layer (each layer at the target) or global (one ranking).")
-    ] = DEFAULT_SCOPE,
+    scope: ScopeOpt = None,
+    target_speedup: TargetSpeedupOpt = None,
+    target_cycles: TargetCyclesOpt = None,
+    vta_config: VtaConfigOpt = None,
+    board: BoardOpt = None,
     tile: TileOpt = None,
-    exclude: Annotated[
-        Optional[list[str]],
-        typer.Option("--exclude", "-x", help="Regex on node or weight names to keep dense; repeatable."),
-    ] = None,
-    include_fc: Annotated[
-        bool, typer.Option("--include-fc", help="Also prune Gemm/MatMul with constant weights.")
-    ] = False,
+    exclude: ExcludeOpt = None,
+    include_fc: IncludeFcOpt = False,
     layer_floor: Annotated[
         float,
         typer.Option("--layer-floor", help="Fraction of each layer's units (the best) never pruned, so none empties."),
     ] = PruneOptions.layer_floor,
-    allow_empty_layers: Annotated[
-        bool,
-        typer.Option(
-            "--allow-empty-layers", help="Let pruning zero a whole layer (by default each keeps its best unit)."
-        ),
-    ] = False,
+    allow_empty_layers: AllowEmptyOpt = False,
     as_json: JsonOpt = False,
     plot: PlotOpt = None,
     recalibrate_data: Annotated[
@@ -123,10 +148,75 @@ def prune(
     check_output_path(output, [model])
     check_plot_path(plot, [model, output])
     options = PruneOptions(
-        sparsity, pattern, scope, parse_tile(tile), tuple(exclude or ()), include_fc, layer_floor, allow_empty_layers
+        DEFAULT_SPARSITY if sparsity is None else sparsity,
+        pattern,
+        DEFAULT_SCOPE if scope is None else scope,
+        parse_tile(tile),
+        tuple(exclude or ()),
+        include_fc,
+        layer_floor,
+        allow_empty_layers,
     )
-    report = prune_file(model, output, options, recalibrate_data, recalibrate_images, track=progress)
+    recalibration = (recalibrate_data, recalibrate_images)
+    if target_speedup is not None or target_cycles is not None:
+        target = LatencyTarget(target_speedup, target_cycles)
+        config = load_vta_config(vta_config, board)
+        return _prune_for_latency(model, output, target, options, (sparsity, scope, tile), recalibration, plot, config)
+    if vta_config is not None or board is not None:
+        raise UserError("--vta-config and --board set the cycle model of --target-speedup / --target-cycles; give one")
+    report = prune_file(model, output, options, *recalibration, track=progress)
     return report_output(report, f"{model} -> {output}", plot)
+
+
+def _prune_for_latency(
+    model: Path,
+    output: Path,
+    target: LatencyTarget,
+    options: PruneOptions,
+    sparsity_options: tuple[object, object, object],
+    recalibration: tuple[Path | None, int],
+    plot: Path | None,
+    config: VTAConfig,
+) -> Output:
+    """``prune --target-speedup / --target-cycles``: the latency-target allocation on the board's cycle model."""
+    from gpp_app.pipeline import prune_latency_file
+
+    if any(value is not None for value in sparsity_options):
+        raise UserError(
+            "--sparsity, --scope and --tile do not apply with a latency target (the VTA config sets the tile and the "
+            "cycle model allocates); drop them or drop --target-speedup / --target-cycles"
+        )
+    target.check()
+    report, latency = prune_latency_file(model, output, target, config, options, *recalibration, track=progress)
+    title = f"{model} -> {output}"
+    base = report_output(report, title, plot)
+
+    def show() -> None:
+        base.show()
+        print_latency(latency)
+
+    return Output({**report.to_dict(), "latency": latency.to_dict()}, show)
+
+
+def print_latency(latency: LatencyReport) -> None:
+    """Per VTA conv the simulated cycles before and after, then the totals against the target."""
+    table = Table(title=f"simulated VTA cycles per image ({latency.board})", title_justify="left")
+    for column in ("conv", "dense", "pruned", "units pruned"):
+        table.add_column(column, justify="left" if column == "conv" else "right")
+    for layer in latency.layers:
+        table.add_row(
+            layer.name, f"{layer.dense_cycles:,}", f"{layer.cycles:,}", f"{layer.units_pruned}/{layer.units_prunable}"
+        )
+    stdout.print(table)
+    stdout.print(
+        f"simulated: {latency.cycles:,} cycles against {latency.dense_cycles:,} dense = {latency.speedup:.3f}x "
+        f"(target {latency.target_speedup:.3f}x = {latency.target_cycles:,.0f} cycles; "
+        f"bound with every weight tile pruned {latency.amdahl_bound:.2f}x)"
+    )
+    if not latency.on_target:
+        stdout.print("the nearest the pattern's unit granularity allows: no allocation lands closer to the target")
+    for placement in latency.not_on_vta:
+        stdout.print(f"left dense, stays on the CPU: {placement.node} ({placement.reason})")
 
 
 @command

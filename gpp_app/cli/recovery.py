@@ -145,7 +145,7 @@ def _print_sweep(result, output: Path) -> None:
     table = Table(title=f"{output}/results.csv (dense ORT {result.dense['accuracy_ort']:.2%})")
     columns = {
         "pattern": "pattern",
-        "target": "sparsity_target",
+        "target": "target",
         "achieved": "sparsity_achieved",
         "before": "accuracy_before_ort",
         "recalibrated": "accuracy_recalibrated_ort",
@@ -161,15 +161,31 @@ def _print_sweep(result, output: Path) -> None:
     stdout.print(table)
 
 
+SparsitiesOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--sparsities",
+        help="Comma-separated sparsity targets "
+        f"[{','.join(f'{s:g}' for s in DEFAULT_SPARSITIES)} unless --speedups is given].",
+    ),
+]
+SpeedupsOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--speedups",
+        help="Comma-separated simulated VTA speedup targets (latency-target pruning on the pynq cycle model).",
+    ),
+]
+
+
 @command
 def sweep_command(
     model: ModelArg,
     data_dir: DataOpt = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Results folder.")] = Path("results"),
     patterns: Annotated[str, typer.Option("--patterns", help="Comma-separated patterns.")] = ",".join(pattern_names()),
-    sparsities: Annotated[str, typer.Option("--sparsities", help="Comma-separated targets.")] = ",".join(
-        f"{s:g}" for s in DEFAULT_SPARSITIES
-    ),
+    sparsities: SparsitiesOpt = None,
+    speedups: SpeedupsOpt = None,
     seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated fine-tuning seeds per point.")] = "0",
     epochs: EpochsOpt = FinetuneOptions.epochs,
     lr: LrOpt = FinetuneOptions.lr,
@@ -199,7 +215,8 @@ def sweep_command(
     check_input_path(model)
     options = SweepOptions(
         patterns=tuple(parse_list(patterns, "--patterns", str, "group,block")),
-        sparsities=tuple(parse_list(sparsities, "--sparsities", float, "0.5,0.7,0.9")),
+        sparsities=_sparsities(sparsities, speedups),
+        speedups=tuple(parse_list(speedups, "--speedups", float, "1.3,1.5,1.7")) if speedups else (),
         seeds=tuple(parse_list(seeds, "--seeds", int, "0,1")),
         finetune=FinetuneOptions(
             epochs=epochs,
@@ -223,9 +240,16 @@ def sweep_command(
     return Output(result.to_dict(), lambda: _print_sweep(result, output))
 
 
+def _sparsities(sparsities: str | None, speedups: str | None) -> tuple[float, ...]:
+    """The sparsity targets: those given, else the defaults unless speedup targets replace them."""
+    if sparsities is None:
+        return () if speedups else DEFAULT_SPARSITIES
+    return tuple(parse_list(sparsities, "--sparsities", float, "0.5,0.7,0.9"))
+
+
 def _report_point(row) -> None:
     status = row.error or f"after {row.accuracy_after_ort:.2%} (VTA {row.accuracy_after_vta:.2%})"
-    stderr.print(f"{row.pattern} {row.sparsity_target} seed {row.seed}: {status}", markup=False, highlight=False)
+    stderr.print(f"{row.pattern} {row.target} seed {row.seed}: {status}", markup=False, highlight=False)
 
 
 @contextmanager

@@ -26,9 +26,11 @@ from gpp_app.cli.common import (
 )
 from gpp_app.evaluate import RunOptions
 from gpp_onnx.errors import UserError
-from gpp_onnx.model_io import check_input_path, check_output_path, load_model
+from gpp_onnx.model_io import check_input_path, check_output_path, image_input, load_model
 from vta_backend.calibration import CalibrationOptions
 from vta_backend.quantization import QuantizationOptions
+
+VTA_DRAM_BYTES = 2**32  # VTA's instructions address DRAM with 32 bits
 
 
 def quantization_options(per_channel: bool | None, activation_shift: int | None = None) -> QuantizationOptions:
@@ -72,6 +74,24 @@ def print_vta_report(report, title: str) -> None:
     )
 
 
+def check_input_shape(shape: tuple[int, ...] | None, dims: list) -> None:
+    """``--input-shape`` agrees with every size the model's input fixes (UserError otherwise)."""
+    if shape is None:
+        return
+    fixed = [d if isinstance(d, int) and d > 0 else None for d in dims]
+    if len(shape) != len(dims) or any(f is not None and f != s for f, s in zip(fixed, shape)):
+        model_shape = "x".join(str(f) if f is not None else "?" for f in fixed)
+        raise UserError(
+            f"--input-shape {'x'.join(map(str, shape))} does not fit the model's input {model_shape}; "
+            "give the model's own sizes (? is free)"
+        )
+    if math.prod(shape) > VTA_DRAM_BYTES:
+        raise UserError(
+            f"--input-shape {'x'.join(map(str, shape))} is {math.prod(shape):,} int8 bytes, more than VTA's "
+            "32-bit DRAM addresses reach; give a smaller input"
+        )
+
+
 def _check_compile_output(output: Path, model: Path) -> None:
     if output.exists() and not output.is_dir():
         raise UserError(f"output {output} is a file; give a folder path")
@@ -111,7 +131,9 @@ def compile_command(
     config = load_vta_config(vta_config, board)
     quantization = quantization_options(per_channel, activation_shift)
     loaded = load_model(model)
-    compiled = compile_model(loaded.model, config, parse_shape(input_shape), quantization=quantization, track=progress)
+    shape = parse_shape(input_shape)
+    check_input_shape(shape, image_input(loaded.model, "gpp-onnx compile expects one image input [N, C, H, W]")[1])
+    compiled = compile_model(loaded.model, config, shape, quantization=quantization, track=progress)
     write_programs(compiled, output)
     report = compiled.report()
     return Output(

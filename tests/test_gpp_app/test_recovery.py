@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -388,11 +389,14 @@ def test_a_second_sweep_on_the_same_folder_is_refused(capsys, dense_path, data_d
 
     out = tmp_path / "sweep"
     out.mkdir()
-    with open(out / ".sweep.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running sweep holds it
+    lock = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running sweep holds its folder
         code, _, stderr = run_cli(capsys, "sweep", str(dense_path), "--data", str(data_dir), "-o", str(out))
+    finally:
+        os.close(lock)
     assert code == 2 and "another gpp-onnx sweep is writing to" in stderr and stderr.count("\n") == 1
-    assert not (out / "results.csv").exists()
+    assert list(out.iterdir()) == []  # no results, no lock file
 
 
 def test_sigterm_stops_a_command_cleanly_without_leftovers(data_dir, pruned_path, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import conv_model, weight
+from onnx import numpy_helper
 
 import gpp_onnx
 
@@ -117,3 +118,19 @@ def test_prune_says_where_the_target_was_missed(rng, capsys, tmp_path):
     onnx.save(model, tmp_path / "m.onnx")
     code, stdout, _ = run_cli(capsys, "prune", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "p.onnx"), "-p", "block")
     assert code == 0 and "target not met: 50.00% short" in stdout and "1 layer(s) below the target" in stdout
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("pattern", ["group", "block", "channel"])
+def test_no_group_of_a_grouped_conv_is_emptied(scope, pattern):
+    """Two groups of 32 -> 32 channels; the second group's weights are tiny, so without the per-group
+    floor a high target empties it (its 32 output channels would ignore the input)."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
+    weight[32:] *= 1e-3
+    model = conv_model([weight], [1, 64, 8, 8], attrs=[{"group": 2, "pads": [1] * 4}])
+    pruned, _ = gpp_onnx.prune(model, 0.9, pattern=pattern, scope=scope)
+    kept = numpy_helper.to_array(pruned.graph.initializer[0]).reshape(2, 32, -1)
+    assert all(np.count_nonzero(kept[g]) > 0 for g in range(2))
+    unprotected, _ = gpp_onnx.prune(model, 0.9, pattern=pattern, scope=scope, allow_empty_layers=True)
+    assert np.count_nonzero(numpy_helper.to_array(unprotected.graph.initializer[0])[32:]) == 0

@@ -81,6 +81,14 @@ CASES = {
 
 @pytest.mark.parametrize("model", CASES.values(), ids=CASES.keys())
 def test_vta_session_runs_the_model_close_to_onnx_runtime(model, tmp_path):
+    placement = run_close_to_onnx_runtime(model, tmp_path)
+    convs = [n.name for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    assert list(placement) == convs and placement["conv2"] == "vta"
+
+
+def run_close_to_onnx_runtime(model: onnx.ModelProto, tmp_path) -> dict[str, str]:
+    """Calibrate on 4 random batches, run a fifth through VtaSession and plain ONNX Runtime: the outputs
+    agree within RELATIVE_ERROR of the largest output; returns where each conv ran."""
     reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     declared = reference.get_inputs()[0]
     shape = [d if isinstance(d, int) else 2 for d in declared.shape]
@@ -98,8 +106,7 @@ def test_vta_session_runs_the_model_close_to_onnx_runtime(model, tmp_path):
     assert ours.dtype == expected.dtype and ours.shape == expected.shape
     error = np.abs(ours.astype(np.float32) - expected.astype(np.float32)).max()
     assert error <= RELATIVE_ERROR * np.abs(expected.astype(np.float32)).max()
-    convs = [n.name for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
-    assert list(placement) == convs and placement["conv2"] == "vta"
+    return placement
 
 
 def quantized(model: onnx.ModelProto, tmp_path, quant_format) -> onnx.ModelProto:
@@ -127,15 +134,32 @@ def test_a_qdq_model_runs_on_vta_from_its_dequantized_weights_and_bias(tmp_path)
 
     model = quantized(zoo_model(transposed=True), tmp_path, QuantFormat.QDQ)
     assert [n.op_type for n in model.graph.node].count("DequantizeLinear") >= 4  # weights and biases
-    test_vta_session_runs_the_model_close_to_onnx_runtime(model, tmp_path)
+    run_close_to_onnx_runtime(model, tmp_path)
 
 
-def test_qlinearconv_is_listed_with_its_reason(tmp_path):
+def test_qlinearconv_and_convinteger_models_run_on_vta(tmp_path):
+    """QOperator format (QLinearConv) and dynamic quantization (ConvInteger): rewritten as float convs
+    between DequantizeLinear and QuantizeLinear, every conv runs on VTA from the model's own int8 weights."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic
+
+    static = quantized(zoo_model(), tmp_path, QuantFormat.QOperator)
+    onnx.save(zoo_model(), tmp_path / "float.onnx")
+    dynamic_path = tmp_path / "dynamic.onnx"
+    quantize_dynamic(tmp_path / "float.onnx", dynamic_path, op_types_to_quantize=["Conv"], weight_type=QuantType.QInt8)
+    dynamic = onnx.load(dynamic_path)
+    for model, op in ((static, "QLinearConv"), (dynamic, "ConvInteger")):
+        convs = [n.name for n in model.graph.node if n.op_type == op]
+        assert len(convs) == 2
+        assert run_close_to_onnx_runtime(model, tmp_path) == dict.fromkeys(convs, "vta")
+
+
+def test_qlinearconv_below_opset_13_is_listed_with_its_reason(tmp_path):
     from onnxruntime.quantization import QuantFormat
 
     from gpp_onnx import UserError
     from vta_backend.model import compile_model
 
     model = quantized(zoo_model(), tmp_path, QuantFormat.QOperator)
-    with pytest.raises(UserError, match=r"conv1_quant: QLinearConv .* is not mapped to VTA.*QDQ format"):
+    next(o for o in model.opset_import if o.domain in ("", "ai.onnx")).version = 11
+    with pytest.raises(UserError, match=r"conv1_quant: QLinearConv .* opset below 13 .* stays on the CPU"):
         compile_model(model, VTAConfig())
