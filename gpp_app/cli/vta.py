@@ -17,6 +17,7 @@ from gpp_app.cli.common import (
     Output,
     PerChannelOpt,
     VtaConfigOpt,
+    check_plot_path,
     command,
     load_vta_config,
     parse_floats,
@@ -98,6 +99,12 @@ def _check_compile_output(output: Path, model: Path) -> None:
     check_output_path(output / "summary.json" if output.is_dir() else output, [model])
 
 
+CyclesPlotOpt = Annotated[
+    Optional[Path],
+    typer.Option("--plot", help="Write per-conv simulated cycles (dense, this model, every tile pruned) as a PNG."),
+]
+
+
 @command
 def compile_command(
     model: ModelArg,
@@ -120,6 +127,7 @@ def compile_command(
     ] = None,
     per_channel: PerChannelOpt = None,
     as_json: JsonOpt = False,
+    plot: CyclesPlotOpt = None,
 ) -> Output:
     """Compile MODEL's convs to VTA programs; write the binaries and report simulated cycles."""
     from vta_backend.bundle import write_programs
@@ -128,6 +136,7 @@ def compile_command(
     check_input_path(model)
     output = output or model.with_name(model.stem + "-vta")
     _check_compile_output(output, model)
+    check_plot_path(plot, [model])
     config = load_vta_config(vta_config, board)
     quantization = quantization_options(per_channel, activation_shift)
     loaded = load_model(model)
@@ -136,6 +145,10 @@ def compile_command(
     compiled = compile_model(loaded.model, config, shape, quantization=quantization, track=progress)
     write_programs(compiled, output)
     report = compiled.report()
+    if plot is not None:
+        from gpp_app.plots import plot_cycles
+
+        plot_cycles(report, plot, f"{model.name} (VTA programs in {output}/)")
     return Output(
         report.to_dict(), lambda: print_vta_report(report, f"{model} -> {output}/ (VTA programs; cycles simulated)")
     )

@@ -57,6 +57,14 @@ def test_compile_table_labels_figures_simulated(capsys, pruned_path, tmp_path):
     assert code == 0 and "simulated" in stdout and "Amdahl bound" in stdout
 
 
+def test_compile_plot_writes_the_cycles_figure(capsys, pruned_path, tmp_path):
+    plot = tmp_path / "cycles.png"
+    code, _, _ = run_cli(capsys, "compile", str(pruned_path), "-o", str(tmp_path / "vta"), "--plot", str(plot))
+    assert code == 0 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, _, stderr = run_cli(capsys, "compile", str(pruned_path), "-o", str(tmp_path / "v2"), "--plot", "x.txt")
+    assert code == 2 and "must end in .png" in stderr and not (tmp_path / "v2").exists()
+
+
 def test_pruned_model_needs_fewer_gemm_uops_than_dense(rng):
     model = two_conv_model(rng)
     dense = compile_model(model, VTAConfig()).report()
