@@ -165,7 +165,11 @@ def plot_cycles(report, path: Path, title: str) -> None:
     bottom.set_ylabel("busy cycles by unit (modules overlap)")
     bottom.set_xticks(list(x), names, rotation=70, fontsize=7)
     bottom.legend(fontsize=7)
+    cpu = [_short_name(p.node) for p in report.not_on_vta]
+    if cpu:
+        listed = ", ".join(cpu[:8]) + (" ..." if len(cpu) > 8 else "")
+        fig.text(0.01, 0.005, f"on the CPU (not drawn): {listed}", fontsize=7)
     for axis in (top, bottom):
         axis.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.03 if cpu else 0, 1, 1))
     save_figure(fig, path)

@@ -99,6 +99,11 @@ def _check_compile_output(output: Path, model: Path) -> None:
     check_output_path(output / "summary.json" if output.is_dir() else output, [model])
 
 
+CalibrationMethodOpt = Annotated[str, typer.Option("--calibration-method", help="percentile, entropy or minmax.")]
+CalibrationImagesOpt = Annotated[int, typer.Option("--calibration-images", help="Train images to calibrate on.")]
+MaxDropOpt = Annotated[
+    Optional[float], typer.Option("--max-drop", help="Exit 1 if accuracy is more than POINTS below the reference.")
+]
 CyclesPlotOpt = Annotated[
     Optional[Path],
     typer.Option("--plot", help="Write per-conv simulated cycles (dense, this model, every tile pruned) as a PNG."),
@@ -195,22 +200,17 @@ def run(
     batch: Annotated[int, typer.Option("--batch", help="Images per batch.")] = RunOptions.batch,
     mean: Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean (default: model metadata).")] = None,
     std: Annotated[Optional[str], typer.Option("--std", help="Per-channel std (default: model metadata).")] = None,
-    calibration_method: Annotated[
-        str, typer.Option("--calibration-method", help="percentile, entropy or minmax.")
-    ] = CalibrationOptions.method,
-    calibration_images: Annotated[
-        int, typer.Option("--calibration-images", help="Train images to calibrate on.")
-    ] = CalibrationOptions.images,
+    calibration_method: CalibrationMethodOpt = CalibrationOptions.method,
+    calibration_images: CalibrationImagesOpt = CalibrationOptions.images,
     per_channel: PerChannelOpt = None,
     baseline: Annotated[
         Optional[Path], typer.Option("--baseline", help="Also run this (unpruned) model on ORT.")
     ] = None,
-    max_drop: Annotated[
-        Optional[float], typer.Option("--max-drop", help="Exit 1 if accuracy is more than POINTS below the reference.")
-    ] = None,
+    max_drop: MaxDropOpt = None,
     vta_config: VtaConfigOpt = None,
     board: BoardOpt = None,
     as_json: JsonOpt = False,
+    plot: CyclesPlotOpt = None,
 ) -> Output:
     """Top-1 accuracy on CIFAR-10 with ONNX Runtime, or with the convs on the VTA simulator (checked against ORT)."""
     from gpp_app import data
@@ -234,7 +234,14 @@ def run(
     )
     options.check()
     check_input_path(model)
+    if plot is not None and backend != "vta":
+        raise UserError("--plot draws the simulated VTA cycles of each conv: use it with --backend vta")
+    check_plot_path(plot, [model])
     result = evaluate(model, data_dir or data.default_data_dir(), options, track=progress)
+    if plot is not None and result.vta is not None:
+        from gpp_app.plots import plot_cycles
+
+        plot_cycles(result.vta, plot, f"{model.name} on VTA ({result.accuracy:.2%} top-1, {result.images:,} images)")
     drop = result.accuracy_drop_points
     failed = max_drop is not None and drop is not None and drop > max_drop
     message = f"accuracy is {drop:.2f} points below the reference, more than --max-drop {max_drop}" if failed else None

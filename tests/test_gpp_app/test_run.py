@@ -281,3 +281,14 @@ def test_non_finite_weights_are_one_line_errors_before_any_work(capsys, data_dir
     assert code == 2 and stderr.startswith("error: weight w1 of conv1 holds NaN or infinite values"), stderr
     assert stderr.count("\n") == 1 and "Traceback" not in stdout + stderr
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "cifar"]
+
+
+def test_run_plot_draws_the_simulated_cycles_of_each_conv(capsys, model_path, data_dir, tmp_path):
+    plot = tmp_path / "run.png"
+    code, _, _ = run_cli(capsys, "run", str(model_path), "--data", str(data_dir), "--plot", str(plot))
+    assert code == 0 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    other = tmp_path / "ort.png"
+    code, _, stderr = run_cli(
+        capsys, "run", str(model_path), "--data", str(data_dir), "-b", "ort", "--plot", str(other)
+    )
+    assert code == 2 and "--backend vta" in stderr and not other.exists()
