@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,6 +39,42 @@ def _cannot_write(path: Path, exc: OSError) -> UserError:
     return UserError(f"cannot write {path} ({exc.strerror or exc}); choose a writable location")
 
 
+def _hold_interruptions() -> object:
+    """Block SIGINT and SIGTERM in the main thread; returns what :func:`_release_interruptions` needs."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def _release_interruptions(previous: object) -> None:
+    """Restore the signal mask; an interruption that arrived meanwhile is delivered now."""
+    if previous is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # type: ignore[arg-type]
+
+
+@contextmanager
+def _temporary(create: Callable[[], Path], remove: Callable[[Path], None]) -> Iterator[Path]:
+    """``create()``'s path, removed by ``remove`` on every exit path. SIGINT and SIGTERM are held back
+    from before the creation until the removal is armed: an interruption in between would leak it."""
+    held = _hold_interruptions()
+    try:
+        path = create()
+    except BaseException:
+        _release_interruptions(held)
+        raise
+    try:
+        _release_interruptions(held)  # a pending interruption is raised here, inside the try
+        yield path
+    finally:
+        remove(path)
+
+
+def _new_file(prefix: str, folder: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
+    os.close(fd)
+    return Path(name)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block succeeds.
@@ -45,19 +83,27 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name[:200]}.", suffix=".tmp", dir=path.parent)
+        with _temporary(lambda: _new_file(f".{path.name[:200]}.", path.parent), _unlink) as tmp:
+            yield tmp
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
     except OSError as exc:
         raise _cannot_write(path, exc) from None
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise _cannot_write(path, exc) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def _remove_folder(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def temporary_folder(prefix: str) -> Iterator[Path]:
+    """A folder in the system's temporary directory, removed on every exit path (interruptions included)."""
+    with _temporary(lambda: Path(tempfile.mkdtemp(prefix=prefix)), _remove_folder) as folder:
+        yield folder
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -79,16 +125,12 @@ def staging_folder(destination: str | os.PathLike[str]) -> Iterator[Path]:
     so a failure never leaves a partial set of files.
     """
     destination = Path(destination)
+    prefix = f".{destination.name[:200]}."
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name[:200]}.", dir=destination.parent))
+        with _temporary(lambda: Path(tempfile.mkdtemp(prefix=prefix, dir=destination.parent)), _remove_folder) as tmp:
+            yield tmp
     except OSError as exc:
         raise _cannot_write(destination, exc) from None
-    try:
-        yield tmp
-    except OSError as exc:
-        raise _cannot_write(destination, exc) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def publish(tmp_file: Path, destination: Path) -> None:

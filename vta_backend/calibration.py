@@ -29,7 +29,7 @@ import onnx
 from onnx import numpy_helper
 
 from gpp_onnx.errors import UserError
-from gpp_onnx.files import write_text
+from gpp_onnx.files import temporary_folder, write_text
 from vta_backend.integer_convs import expand_integer_convs
 from vta_backend.quant import SHIFT_LIMIT, shift_for
 
@@ -149,7 +149,7 @@ def _collect(model: onnx.ModelProto, feeds: Iterable[Mapping[str, np.ndarray]], 
                 return None
             return {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in feed.items()}
 
-    with tempfile.TemporaryDirectory(prefix="gpp-onnx-calibration.") as tmp:
+    with temporary_folder("gpp-onnx-calibration.") as tmp:
         model_path = Path(tmp) / "model.onnx"
         onnx.save_model(float32_copy(model), model_path)
         calibrator = create_calibrator(

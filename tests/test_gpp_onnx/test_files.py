@@ -47,3 +47,47 @@ def test_a_staging_folder_is_removed_on_every_exit(tmp_path):
         (tmp / "a.bin").write_bytes(b"1")
         publish(tmp / "a.bin", tmp_path / "a.bin")
     assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
+@pytest.mark.parametrize("kind", ["file", "folder", "staging"])
+def test_an_interruption_right_after_creation_leaves_nothing(tmp_path, monkeypatch, kind):
+    """SIGTERM (here raising KeyboardInterrupt, as the CLI's handler does) arriving just after the
+    temporary file or folder exists, before its cleanup is armed: it is held back, then delivered inside
+    the block that removes it."""
+    import os
+    import signal
+    import tempfile
+
+    from gpp_onnx import files
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    real_mkstemp, real_mkdtemp = tempfile.mkstemp, tempfile.mkdtemp
+
+    def then_signal(real):
+        def create(*args, **kwargs):
+            made = real(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return made
+
+        return create
+
+    monkeypatch.setattr(tempfile, "mkstemp", then_signal(real_mkstemp))
+    monkeypatch.setattr(tempfile, "mkdtemp", then_signal(real_mkdtemp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            if kind == "file":
+                with files.atomic_path(tmp_path / "out.bin") as tmp:
+                    tmp.write_bytes(b"x")
+            elif kind == "folder":
+                with files.temporary_folder("t."):
+                    pass
+            else:
+                with files.staging_folder(tmp_path / "bundle"):
+                    pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list(tmp_path.iterdir()) == []
