@@ -23,7 +23,7 @@ from gpp_onnx.pruner import PruneOptions, prune
 from gpp_onnx.report import Report
 from gpp_onnx.weights import check_finite_weights
 from vta_backend.config import VTAConfig
-from vta_backend.latency import LatencyReport, LatencyTarget, prune_for_latency
+from vta_backend.latency import DEFAULT_ALLOCATION, LatencyReport, LatencyTarget, prune_for_latency
 
 
 def check_eval_limit(eval_limit: int | None) -> None:
@@ -61,11 +61,12 @@ def prune_latency_file(
     recalibrate_data: Path | None = None,
     recalibrate_images: int = DEFAULT_RECALIBRATION_IMAGES,
     track: Track = no_progress,
+    allocation: str = DEFAULT_ALLOCATION,
 ) -> tuple[Report, LatencyReport]:
     """Prune ``model`` into ``output`` to a simulated VTA latency ``target`` (then recalibrate it on
     ``recalibrate_data`` when given); ``options`` gives the pattern, exclusions and floor."""
     loaded = load_model(model)
-    pruned, report, latency = prune_for_latency(loaded, target, config, options, track=track)
+    pruned, report, latency = prune_for_latency(loaded, target, config, options, track=track, allocation=allocation)
     _save_pruned(pruned, loaded, output, recalibrate_data, recalibrate_images, track)
     return report, latency
 

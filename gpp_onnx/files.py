@@ -2,8 +2,10 @@
 
 Everything is written under a temporary name in the destination's folder and renamed
 into place, so a reader never sees a half-written file and a failure (or an
-interruption) leaves nothing behind. Files get the permissions the user's umask gives a
-new file, not the 0600 of a temporary file.
+interruption: applications install :func:`interruption_handler` for SIGINT and SIGTERM, which
+never lands between a temporary's creation and the arming of its removal) leaves nothing
+behind. Files get the permissions the user's umask gives a new file, not the 0600 of a
+temporary file.
 """
 
 from __future__ import annotations
@@ -11,9 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,31 +39,48 @@ def _cannot_write(path: Path, exc: OSError) -> UserError:
     return UserError(f"cannot write {path} ({exc.strerror or exc}); choose a writable location")
 
 
-def _hold_interruptions() -> object:
-    """Block SIGINT and SIGTERM in the main thread; returns what :func:`_release_interruptions` needs."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+class _Interruptions:
+    """Whether SIGINT / SIGTERM are being deferred, and whether one arrived meanwhile."""
+
+    deferring = 0
+    pending = False
 
 
-def _release_interruptions(previous: object) -> None:
-    """Restore the signal mask; an interruption that arrived meanwhile is delivered now."""
-    if previous is not None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # type: ignore[arg-type]
+def interruption_handler(signum: int, frame: object) -> None:
+    """A SIGINT / SIGTERM handler for applications: raises KeyboardInterrupt (which unwinds, removing
+    every temporary file and folder on the way out), except while a temporary is between its creation
+    and the arming of its removal - then the interruption is raised as soon as that is armed."""
+    if _Interruptions.deferring:
+        _Interruptions.pending = True
+        return
+    raise KeyboardInterrupt
+
+
+def _defer_interruptions() -> None:
+    _Interruptions.deferring += 1
+
+
+def _resume_interruptions() -> None:
+    """End a deferral; raise the interruption that arrived during it."""
+    _Interruptions.deferring -= 1
+    if not _Interruptions.deferring and _Interruptions.pending:
+        _Interruptions.pending = False
+        raise KeyboardInterrupt
 
 
 @contextmanager
 def _temporary(create: Callable[[], Path], remove: Callable[[Path], None]) -> Iterator[Path]:
-    """``create()``'s path, removed by ``remove`` on every exit path. SIGINT and SIGTERM are held back
-    from before the creation until the removal is armed: an interruption in between would leak it."""
-    held = _hold_interruptions()
+    """``create()``'s path, removed by ``remove`` on every exit path. Under :func:`interruption_handler`,
+    an interruption between the creation and the arming of the removal is raised once it is armed
+    (signals reach Python in whichever thread, so blocking them in this one would not do)."""
+    _defer_interruptions()
     try:
         path = create()
     except BaseException:
-        _release_interruptions(held)
+        _Interruptions.deferring -= 1
         raise
     try:
-        _release_interruptions(held)  # a pending interruption is raised here, inside the try
+        _resume_interruptions()
         yield path
     finally:
         remove(path)

@@ -2,7 +2,7 @@
 
 Configurations: the sparsity-target default of ``sweep`` (global scope, 5 % layer floor) at a
 given sparsity, and the latency-target allocation (:mod:`vta_backend.latency`) at the speedup
-that sparsity reaches on the pynq cycle model, with each importance measure. Every one is
+that sparsity reaches on the pynq cycle model, with each of its allocations. Every one is
 recalibrated, fine-tuned (the ``sweep`` recipe: batch-norm restored, one-cycle lr 0.05,
 distillation from the dense model) on the first ``--train`` train images, and scored with
 ONNX Runtime fp32 and the VTA backend on train images 45,000-49,999 - never the test split.
@@ -29,9 +29,9 @@ from gpp_app.finetune import FinetuneOptions, finetune
 from gpp_app.recalibrate import recalibrate_from_data
 from gpp_onnx import load_model, prune, save_model
 from gpp_onnx.files import write_text
-from gpp_onnx.pruner import IMPORTANCE_MEASURES, PruneOptions
+from gpp_onnx.pruner import PruneOptions
 from vta_backend import VTAConfig
-from vta_backend.latency import LatencyTarget, prune_for_latency
+from vta_backend.latency import ALLOCATIONS, LatencyTarget, prune_for_latency
 from vta_backend.model import compile_model
 
 COLUMNS = [
@@ -56,7 +56,7 @@ def prune_with(allocation: str, dense, sparsity: float) -> tuple:
         speedup = compile_model(pruned, VTAConfig()).report().speedup
         target = LatencyTarget(speedup=speedup)
         measure = allocation.split(":")[1]
-        pruned, report, _ = prune_for_latency(dense, target, VTAConfig(), options, importance=measure)
+        pruned, report, _ = prune_for_latency(dense, target, VTAConfig(), options, allocation=measure)
     return pruned, report.sparsity, compile_model(pruned, VTAConfig()).report().speedup
 
 
@@ -95,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 < args.train <= HELDOUT_START:
         parser.error(f"--train must be 1..{HELDOUT_START}: the images from {HELDOUT_START} on are the held-out ones")
-    allocations = ["sparsity-global"] + [f"latency:{m}" for m in IMPORTANCE_MEASURES]
+    allocations = ["sparsity-global"] + [f"latency:{a}" for a in ALLOCATIONS]
     rows = list(csv.DictReader(args.output.open())) if args.output.exists() else []
     done = {(r["allocation"], r["epochs"], r["train_images"]) for r in rows}
     for allocation in allocations:

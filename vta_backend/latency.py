@@ -4,10 +4,12 @@ Each VTA conv's units (the pattern's: tiles, blocks, channels, weights) are take
 own ranking, so a layer's choice is how many of them to prune. Its price in cycles comes from
 the cycle model: the tiling estimate (:func:`vta_backend.tiling.estimate_cycles`) as a function
 of the share of weight tiles the program still issues, computed once per conv shape and mapped
-linearly onto the layer's exactly simulated dense and fully pruned programs. The allocation moves,
-greedily, the layer whose next counts remove the least importance (the share of the layer's
-weight magnitude, or the global scope's measure: :meth:`gpp_onnx.pruner.LayerRanking.importance`)
-per cycle saved, until the estimated total meets the budget; the pruned model is then compiled
+linearly onto the layer's exactly simulated dense and fully pruned programs. Allocations: ``global``
+(the default) prunes the shortest prefix of the global scope's ranking (mean magnitude over the
+layer's) whose estimated total meets the budget - a global-scope sparsity chosen for the cycles;
+``layer-share`` and ``magnitude`` move, greedily, the layer whose next counts remove the least
+importance (:meth:`gpp_onnx.pruner.LayerRanking.importance`) per cycle saved, until the estimated
+total meets the budget. The pruned model is then compiled
 and simulated exactly, and the budget corrected by the ratio of exact to estimated cycles until
 the exact figure is within :data:`TOLERANCE` of the target. Convs that stay on the CPU are left
 dense (pruning them saves no VTA cycle) and listed with their reason. All figures are simulated.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -39,7 +42,8 @@ from vta_backend.tiling import choose_tilings, estimate_cycles, geometry
 TOLERANCE = 0.01  # the exact simulated cycles end within 1 % of the target when the tile granularity allows
 ROUNDS = 5  # exact compilations that correct the estimate's budget, at most
 LEVELS = 48  # unit counts priced per layer (every count in smaller layers)
-DEFAULT_IMPORTANCE = "layer-share"
+ALLOCATIONS = ("global", *IMPORTANCE_MEASURES)  # how the cycles are spread over the layers (module doc)
+DEFAULT_ALLOCATION = "global"  # chosen on held-out train images (docs/results.md)
 DENSITIES = np.linspace(0.0, 1.0, 41)  # issued-tile shares the estimate is evaluated at, per conv shape
 
 
@@ -131,6 +135,11 @@ class _LayerTable:
     counts: np.ndarray
     importance: np.ndarray
     cycles: np.ndarray
+    scores: np.ndarray  # per unit of ranking.order: its mean magnitude over the layer's (the global scope's score)
+
+    def cycles_at(self, count: np.ndarray | int) -> np.ndarray:
+        """Estimated cycles with ``count`` units pruned (interpolated between the priced counts)."""
+        return np.interp(count, self.counts, self.cycles)
 
 
 @dataclass
@@ -154,16 +163,16 @@ def prune_for_latency(
     config: VTAConfig,
     options: PruneOptions,
     track: Track = no_progress,
-    importance: str = DEFAULT_IMPORTANCE,
+    allocation: str = DEFAULT_ALLOCATION,
 ) -> tuple[onnx.ModelProto, Report, LatencyReport]:
-    """Prune ``model``'s VTA convs so that its simulated cycles on ``config``'s board meet ``target``
-    with the least ``importance`` removed (:meth:`gpp_onnx.pruner.LayerRanking.importance`);
-    ``options`` gives the pattern, exclusions and layer floor (the tile is the config's). Returns the
-    pruned model, the pruning report and the latency report. UserError when the target lies beyond
-    what pruning every prunable unit reaches."""
+    """Prune ``model``'s VTA convs so that its simulated cycles on ``config``'s board meet ``target``;
+    ``allocation`` (:data:`ALLOCATIONS`) spreads the pruning over the layers, ``options`` gives the
+    pattern, exclusions and layer floor (the tile is the config's). Returns the pruned model, the
+    pruning report and the latency report. UserError when the target lies beyond what pruning every
+    prunable unit reaches."""
     target.check()
-    if importance not in IMPORTANCE_MEASURES:
-        raise UserError(f"unknown importance measure {importance!r}; use one of {', '.join(IMPORTANCE_MEASURES)}")
+    if allocation not in ALLOCATIONS:
+        raise UserError(f"unknown allocation {allocation!r}; use one of {', '.join(ALLOCATIONS)}")
     options = replace(options, tile=config)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     sites = conv_sites(loaded.model, config)
@@ -173,12 +182,13 @@ def prune_for_latency(
         for site in track(sites, "dense cycles", len(sites))
         if site.conv is not None and site.in_shape is not None
     }
-    tables = _tables(loaded, sites, options, skip, (config, references), importance)
+    tables = _tables(loaded, sites, options, skip, (config, references), allocation)
     fixed = sum(dense for node, (dense, _) in references.items() if node not in {t.site.node for t in tables})
     dense_cycles = sum(dense for dense, _ in references.values())
     wanted = target.cycles_for(dense_cycles)
-    attempt = _search(loaded, tables, options, skip, config, (wanted, fixed))
-    cheapest = _allocate(tables, -np.inf)
+    allocate = _allocate_global if allocation == "global" else _allocate
+    attempt = _search(loaded, (tables, allocate), options, skip, config, (wanted, fixed))
+    cheapest = allocate(tables, -np.inf)
     if attempt.total > wanted * (1 + TOLERANCE) and attempt.counts == cheapest:
         raise _unreachable(target, dense_cycles, attempt.total, config)
     floor = sum(f for _, f in references.values())
@@ -188,27 +198,40 @@ def prune_for_latency(
 
 def _search(
     loaded: LoadedModel,
-    tables: list[_LayerTable],
+    allocation: tuple[list[_LayerTable], Callable[[list[_LayerTable], float], dict[str, int]]],
     options: PruneOptions,
     skip: dict[str, str],
     config: VTAConfig,
     goal: tuple[float, int],
 ) -> _Attempt:
     """Allocate on the estimate, prune, simulate exactly, correct the budget; the attempt nearest the
-    target. ``goal``: the wanted cycles of the model and those of its VTA convs that are not pruned."""
-    wanted, fixed = goal
-    cheapest = _allocate(tables, -np.inf)
-    budget, best, compiled = wanted, None, {}
-    for _ in range(ROUNDS):
-        counts = _allocate(tables, budget - fixed)
+    target. ``allocation``: the tables and how to allocate on them; ``goal``: the wanted cycles of the
+    model and those of its VTA convs that are not pruned."""
+    (tables, allocate), (wanted, fixed) = allocation, goal
+    cheapest = allocate(tables, -np.inf)
+    compiled: dict[tuple, int] = {}
+
+    def attempt_at(budget: float) -> _Attempt:
+        counts = allocate(tables, budget - fixed)
         pruned, report = prune_counts(loaded, counts, options, skip)
-        attempt = _Attempt(counts, pruned, report, _exact_cycles(pruned, config, compiled))
+        return _Attempt(counts, pruned, report, _exact_cycles(pruned, config, compiled))
+
+    budget, best, too_slow = wanted, None, None
+    for _ in range(ROUNDS):
+        attempt = attempt_at(budget)
         if best is None or _closer(attempt.total, best.total, wanted):
             best = attempt
-        if abs(attempt.total - wanted) <= TOLERANCE * wanted or (attempt.total > wanted and counts == cheapest):
-            break
+        if abs(attempt.total - wanted) <= TOLERANCE * wanted or (attempt.total > wanted and attempt.counts == cheapest):
+            return best
+        too_slow = budget if attempt.total > wanted else too_slow
         budget *= wanted / attempt.total
     assert best is not None
+    low = fixed  # the estimate's budget with every prunable unit pruned
+    for _ in range(ROUNDS if too_slow is not None and best.total > wanted else 0):  # a step the ratio overshoots
+        middle = (low + too_slow) / 2
+        attempt = attempt_at(middle)
+        best = attempt if _closer(attempt.total, best.total, wanted) else best
+        low, too_slow = (low, middle) if attempt.total > wanted else (middle, too_slow)
     return best
 
 
@@ -261,7 +284,7 @@ def _tables(
     options: PruneOptions,
     skip: dict[str, str],
     pricing: tuple[VTAConfig, dict[str, tuple[int, int]]],
-    importance: str,
+    allocation: str,
 ) -> list[_LayerTable]:
     """A table per VTA conv that ``options`` lets prune; ``pricing``: the config and each VTA conv's
     exactly simulated (dense, every tile pruned) cycles."""
@@ -280,7 +303,10 @@ def _tables(
         span = curve[-1] - curve[0]
         relative = (np.interp(shares, DENSITIES, curve) - curve[0]) / span if span > 0 else shares
         cycles = floor + (dense - floor) * relative
-        tables.append(_LayerTable(ranking, site, dense, counts, ranking.importance(importance)[counts], cycles))
+        importance = ranking.importance("layer-share" if allocation == "global" else allocation)[counts]
+        mean = ranking.units.l1.sum() / max(ranking.units.size.sum(), 1)
+        scores = ranking.units.score[ranking.order] / mean if mean > 0 else np.zeros(ranking.order.size)
+        tables.append(_LayerTable(ranking, site, dense, counts, importance, cycles, scores))
     if not tables:
         raise UserError("no conv that runs on VTA can be pruned; check --pattern and --exclude")
     return tables
@@ -321,6 +347,27 @@ def _allocate(tables: list[_LayerTable], budget: float) -> dict[str, int]:
         total -= table.cycles[current] - table.cycles[j]
         levels[i] = j
     return {t.ranking.layer.weight: int(t.counts[level]) for t, level in zip(tables, levels)}
+
+
+def _allocate_global(tables: list[_LayerTable], budget: float) -> dict[str, int]:
+    """Units to prune per weight as the global scope ranks them (one ranking of every layer's units by
+    mean magnitude over the layer's, ties by position), the shortest prefix of that ranking whose
+    estimated total meets ``budget``: a global-scope sparsity chosen for the cycles. Every unit
+    when the budget cannot be met."""
+    layer = np.concatenate([np.full(t.scores.size, i) for i, t in enumerate(tables)])
+    rank = np.concatenate([np.arange(t.scores.size) for t in tables])
+    scores = np.concatenate([t.scores for t in tables])
+    order = np.lexsort((rank, layer, scores))
+    saved = np.empty(order.size)  # cycles saved by each unit of the ranking, in ranking order
+    for i, table in enumerate(tables):
+        mine = layer[order] == i
+        steps = rank[order][mine]
+        saved[mine] = table.cycles_at(steps) - table.cycles_at(steps + 1)
+    totals = sum(t.cycles[0] for t in tables) - np.concatenate(([0.0], np.cumsum(saved)))
+    meeting = np.flatnonzero(totals <= budget)
+    prefix = int(meeting[0]) if meeting.size else order.size
+    counts = np.bincount(layer[order[:prefix]], minlength=len(tables))
+    return {t.ranking.layer.weight: int(c) for t, c in zip(tables, counts)}
 
 
 def _best_move(tables: list[_LayerTable], levels: list[int]) -> tuple[int, int] | None:

@@ -11,6 +11,7 @@ import typer
 
 from gpp_app.cli import prune, recovery, vta
 from gpp_app.cli.common import stderr
+from gpp_onnx.files import interruption_handler
 
 app = typer.Typer(
     add_completion=False,
@@ -32,14 +33,11 @@ app.command()(prune.version)
 INTERRUPTED = 130  # the exit status of a command stopped by SIGINT or SIGTERM
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # unwinds like Ctrl-C: every temporary file and folder is removed on the way out
-
-
 def main() -> None:
     """Entry point: parser errors (bad option values, missing arguments) become one line, exit 2;
     SIGINT and SIGTERM stop the command cleanly (exit 130), leaving no partial output."""
-    signal.signal(signal.SIGTERM, _terminate)
+    for stop in (signal.SIGINT, signal.SIGTERM):  # both unwind like Ctrl-C, removing every temporary
+        signal.signal(stop, interruption_handler)
     try:
         code = app(standalone_mode=False)
     except KeyboardInterrupt:

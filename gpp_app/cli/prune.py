@@ -31,7 +31,7 @@ from gpp_onnx.pruner import DEFAULT_PATTERN, DEFAULT_SCOPE, DEFAULT_SPARSITY, Pr
 from gpp_onnx.pruner import inspect as inspect_model
 from gpp_onnx.report import Report
 from vta_backend.config import VTAConfig
-from vta_backend.latency import LatencyReport, LatencyTarget
+from vta_backend.latency import DEFAULT_ALLOCATION, LatencyReport, LatencyTarget
 
 SparsityOpt = Annotated[
     Optional[float],
@@ -46,6 +46,14 @@ TargetSpeedupOpt = Annotated[
     typer.Option(
         "--target-speedup",
         help="Instead of a sparsity: prune VTA convs until the simulated speedup over the dense program is this.",
+    ),
+]
+AllocationOpt = Annotated[
+    str,
+    typer.Option(
+        "--allocation",
+        help="With a latency target: global (the global scope's ranking, pruned until the cycles meet the target), "
+        "layer-share or magnitude (units priced in cycles).",
     ),
 ]
 TargetCyclesOpt = Annotated[
@@ -120,6 +128,7 @@ def prune(
     scope: ScopeOpt = None,
     target_speedup: TargetSpeedupOpt = None,
     target_cycles: TargetCyclesOpt = None,
+    allocation: AllocationOpt = DEFAULT_ALLOCATION,
     vta_config: VtaConfigOpt = None,
     board: BoardOpt = None,
     tile: TileOpt = None,
@@ -161,7 +170,8 @@ def prune(
     if target_speedup is not None or target_cycles is not None:
         target = LatencyTarget(target_speedup, target_cycles)
         config = load_vta_config(vta_config, board)
-        return _prune_for_latency(model, output, target, options, (sparsity, scope, tile), recalibration, plot, config)
+        latency = (target, config, allocation)
+        return _prune_for_latency(model, output, latency, options, (sparsity, scope, tile), recalibration, plot)
     if vta_config is not None or board is not None:
         raise UserError("--vta-config and --board set the cycle model of --target-speedup / --target-cycles; give one")
     report = prune_file(model, output, options, *recalibration, track=progress)
@@ -171,23 +181,26 @@ def prune(
 def _prune_for_latency(
     model: Path,
     output: Path,
-    target: LatencyTarget,
+    latency_target: tuple[LatencyTarget, VTAConfig, str],
     options: PruneOptions,
     sparsity_options: tuple[object, object, object],
     recalibration: tuple[Path | None, int],
     plot: Path | None,
-    config: VTAConfig,
 ) -> Output:
-    """``prune --target-speedup / --target-cycles``: the latency-target allocation on the board's cycle model."""
+    """``prune --target-speedup / --target-cycles``: the latency-target allocation on the board's cycle model
+    (``latency_target``: the target, the VTA config, the allocation)."""
     from gpp_app.pipeline import prune_latency_file
 
+    target, config, allocation = latency_target
     if any(value is not None for value in sparsity_options):
         raise UserError(
             "--sparsity, --scope and --tile do not apply with a latency target (the VTA config sets the tile and the "
             "cycle model allocates); drop them or drop --target-speedup / --target-cycles"
         )
     target.check()
-    report, latency = prune_latency_file(model, output, target, config, options, *recalibration, track=progress)
+    report, latency = prune_latency_file(
+        model, output, target, config, options, *recalibration, track=progress, allocation=allocation
+    )
     title = f"{model} -> {output}"
     base = report_output(report, title, plot)
 

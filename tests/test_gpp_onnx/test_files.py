@@ -51,19 +51,15 @@ def test_a_staging_folder_is_removed_on_every_exit(tmp_path):
 
 @pytest.mark.parametrize("kind", ["file", "folder", "staging"])
 def test_an_interruption_right_after_creation_leaves_nothing(tmp_path, monkeypatch, kind):
-    """SIGTERM (here raising KeyboardInterrupt, as the CLI's handler does) arriving just after the
-    temporary file or folder exists, before its cleanup is armed: it is held back, then delivered inside
-    the block that removes it."""
+    """SIGTERM arriving just after the temporary file or folder exists, before its cleanup is armed: the
+    CLI's handler defers it, and it is raised (KeyboardInterrupt) inside the block that removes it."""
     import os
     import signal
     import tempfile
 
     from gpp_onnx import files
 
-    def interrupt(*_):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, files.interruption_handler)  # as the CLI installs it
     real_mkstemp, real_mkdtemp = tempfile.mkstemp, tempfile.mkdtemp
 
     def then_signal(real):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import tiny_cnn
+from helpers import tiny_cnn, weight
 
 import gpp_onnx
 from gpp_onnx import UserError
@@ -40,12 +40,24 @@ def test_cycle_target_and_the_layers_table():
     assert any(layer.units_pruned for layer in latency.layers)
 
 
-def test_the_allocation_removes_less_importance_than_a_sparsity_target_at_the_same_speed():
+def test_the_global_allocation_is_the_global_scope_at_the_sparsity_that_meets_the_target():
+    model = tiny_cnn()
+    options = PruneOptions(0.6, "group", "global")
+    _, _, latency = prune_for_latency(model, LatencyTarget(speedup=1.4), CONFIG, options)
+    by_latency, report, _ = prune_for_latency(model, LatencyTarget(speedup=1.4), CONFIG, options)
+    by_scope, _ = gpp_onnx.prune(model, report.sparsity, "group", "global")
+    for name in ("w1", "w2"):
+        np.testing.assert_array_equal(weight(by_latency, name), weight(by_scope, name))
+    assert latency.speedup == pytest.approx(1.4, rel=0.02)
+
+
+def test_the_cycle_priced_allocation_removes_less_of_its_importance_than_the_global_scope_at_the_same_speed():
     model = tiny_cnn()
     options = PruneOptions(0.6, "group", "global")
     by_sparsity, _ = gpp_onnx.prune(model, **options.arguments())
     speedup = compile_model(by_sparsity, CONFIG).report().speedup
-    by_latency, _, latency = prune_for_latency(model, LatencyTarget(speedup=speedup), CONFIG, options)
+    target = LatencyTarget(speedup=speedup)
+    by_latency, _, latency = prune_for_latency(model, target, CONFIG, options, allocation="layer-share")
     assert latency.speedup >= speedup * 0.99
 
     def removed(pruned) -> float:  # share of each VTA conv's weight magnitude pruned, summed over the convs
@@ -69,12 +81,14 @@ def test_a_bad_target_is_refused(target):
         prune_for_latency(tiny_cnn(), target, CONFIG, PruneOptions())
 
 
+@pytest.mark.parametrize("allocation", ["global", "layer-share", "magnitude"])
 @pytest.mark.parametrize("pattern", ["block", "channel", "element"])
-def test_every_pattern_meets_the_target_or_names_its_bound(pattern):
+def test_every_pattern_meets_the_target_or_names_its_bound(pattern, allocation):
     """tiny_cnn's convs hold 2 and 4 blocks: where no allocation lands within 1 %, the nearest faster one."""
     options = PruneOptions(pattern=pattern)
     try:
-        _, report, latency = prune_for_latency(tiny_cnn(), LatencyTarget(speedup=1.15), CONFIG, options)
+        target = LatencyTarget(speedup=1.15)
+        _, report, latency = prune_for_latency(tiny_cnn(), target, CONFIG, options, allocation=allocation)
     except UserError as exc:
         assert "beyond reach" in str(exc)
         return
