@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from ablate_recovery import DATA_DIR, heldout_accuracy
+from ablate_recovery import DATA_DIR, heldout_accuracy, write_rows
 
 from gpp_app import data
 from gpp_app.finetune import FinetuneOptions, finetune
 from gpp_app.recalibrate import recalibrate_from_data
 from gpp_onnx import load_model, prune, save_model
-from gpp_onnx.files import write_text
 from gpp_onnx.pruner import PruneOptions
 from vta_backend import VTAConfig
 from vta_backend.latency import ALLOCATIONS, LatencyTarget, prune_for_latency
@@ -104,11 +102,7 @@ def main() -> None:
         began = time.perf_counter()
         rows.append(run(args, allocation))
         print(rows[-1], f"{time.perf_counter() - began:.0f} s", flush=True)
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        write_text(args.output, text.getvalue())
+        write_rows(args.output, rows, COLUMNS)
 
 
 if __name__ == "__main__":

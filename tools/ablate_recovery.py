@@ -115,6 +115,15 @@ def run(args: argparse.Namespace, pattern: str, sparsity: float, config: str) ->
     }
 
 
+def write_rows(path: Path, rows: list[dict], columns: list[str]) -> None:
+    """The CSV of ``rows``, written atomically (rewritten after every row: a rerun resumes)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, text.getvalue())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path, help="the dense ONNX model")
@@ -136,11 +145,7 @@ def main() -> None:
                     continue
                 rows.append(run(args, pattern, sparsity, config))
                 print(rows[-1], flush=True)
-                text = io.StringIO()
-                writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
-                writer.writeheader()
-                writer.writerows(rows)
-                write_text(args.output, text.getvalue())
+                write_rows(args.output, rows, COLUMNS)
 
 
 if __name__ == "__main__":
