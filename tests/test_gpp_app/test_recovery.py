@@ -414,3 +414,37 @@ def test_sigterm_stops_a_command_cleanly_without_leftovers(data_dir, pruned_path
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
     assert [p.name for p in out.parent.iterdir()] in ([], ["ft.onnx.ckpt"])  # at most a whole checkpoint
+
+
+def test_sigterm_during_finetune_leaves_the_checkpoint_and_resume_finishes(torch, pruned_path, data_dir, tmp_path):
+    """A real SIGTERM to ``gpp-onnx finetune`` after its first checkpoint: exit 130 with one line, no
+    output model, no temporary file; ``--resume`` then trains the remaining epochs to a valid model."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    out, temp = tmp_path / "ft.onnx", tmp_path / "tmp"
+    temp.mkdir()
+    command = [shutil.which("gpp-onnx"), "finetune", str(pruned_path), "--data", str(data_dir), "-o", str(out)]
+    command += ["--epochs", "40", "--batch", "8", "--eval-limit", "5"]
+    env = dict(os.environ, TMPDIR=str(temp))
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "ft.onnx.ckpt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "fine-tuning finished before it could be interrupted"
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and [line for line in stderr.splitlines() if line.strip()] == [
+        "error: interrupted; no partial output was left behind"
+    ], stderr
+    assert not out.exists() and checkpoint.exists()
+    leftovers = [p.name for p in temp.iterdir() if p.name.startswith(("gpp-onnx", ".ft"))]
+    assert leftovers == [] and sorted(p.name for p in tmp_path.glob(".ft*")) == []
+    done = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    tuned = onnx.load(out)
+    gpp_onnx.validate_annotation(tuned, gpp_onnx.read_annotation(tuned))
