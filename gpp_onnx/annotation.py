@@ -223,15 +223,17 @@ def nonzero_tiles(layer: Layer, tile: TileShape) -> np.ndarray:
 
 
 def validate_annotation(model: onnx.ModelProto, annotation: Annotation) -> dict[str, Layer]:
-    """Check the annotation against the weights; returns the annotated layers by weight name.
+    """Check the annotation against the weights; returns the annotated layers by the annotation's weight
+    names (a weight a quantizer stored as integers under a new name is found by its node).
 
     Raises AnnotationError naming the layer when a weight no longer exists, its shape or
     tile grid changed, or a tile marked pruned holds a nonzero weight.
     """
-    layers = {layer.weight: layer for layer in find_layers(model) if layer.stored is not None}
+    stored = [layer for layer in find_layers(model) if layer.stored is not None]
+    layers, by_node = {layer.weight: layer for layer in stored}, {layer.name: layer for layer in stored}
     found = {}
     for entry in annotation.weights:
-        layer = layers.get(entry.weight)
+        layer = layers.get(entry.weight) or _quantized_under_new_name(by_node.get(entry.name))
         if layer is None:
             raise AnnotationError(
                 f"layer {entry.name}: weight '{entry.weight}' no longer exists in the model; "
@@ -251,6 +253,12 @@ def validate_annotation(model: onnx.ModelProto, annotation: Annotation) -> dict[
         check_pruned_tiles_are_zero(entry.name, nonzero_tiles(layer, annotation.tile), entry.kept)
         found[entry.weight] = layer
     return found
+
+
+def _quantized_under_new_name(layer: Layer | None) -> Layer | None:
+    """The layer of an annotated node whose weight a quantizer renamed (ONNX Runtime's static quantization
+    stores ``W`` as integer ``W_quantized`` behind a DequantizeLinear); None for any other layer."""
+    return layer if layer is not None and layer.stored.values.dtype.kind in "iu" else None
 
 
 def check_pruned_tiles_are_zero(layer_name: str, nonzero: np.ndarray, kept: np.ndarray) -> None:
@@ -285,5 +293,5 @@ def read_kept_tiles(model: onnx.ModelProto) -> KeptTiles | None:
     annotation = read_annotation(model)
     if annotation is None:
         return None
-    validate_annotation(model, annotation)
-    return KeptTiles(annotation.tile, {entry.weight: entry.kept for entry in annotation.weights})
+    layers = validate_annotation(model, annotation)
+    return KeptTiles(annotation.tile, {layers[entry.weight].weight: entry.kept for entry in annotation.weights})

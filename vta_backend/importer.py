@@ -74,7 +74,7 @@ def unsupported_reason(
         return f"{len(layer.shape) - 2}-D conv; VTA runs 2-D convs"
     if in_shape is None or len(in_shape) != 4:
         return "input shape unknown after shape inference"
-    if node.input[0] in graph_inputs and in_shape[1] < config.BLOCK_IN:
+    if _through_quantization(node.input[0], index) in graph_inputs and in_shape[1] < config.BLOCK_IN:
         return (
             f"first conv with {in_shape[1]} input channels: stays on the CPU, as TVM keeps it "
             f"(VTA would pad them to {config.BLOCK_IN})"
@@ -87,6 +87,18 @@ def unsupported_reason(
 
 
 AUTO_PADS = ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")
+QUANTIZATION_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+
+
+def _through_quantization(tensor: str, index: GraphIndex) -> str:
+    """The tensor ``tensor`` is computed from through (Dynamic)QuantizeLinear / DequantizeLinear nodes
+    (a QDQ model's conv input is the graph input quantized and dequantized)."""
+    while tensor in index.producer:
+        producer = index.graph.node[index.producer[tensor]]
+        if producer.op_type not in QUANTIZATION_OPS or producer.domain not in ("", "ai.onnx"):
+            break
+        tensor = producer.input[0]
+    return tensor
 
 
 def _auto_pad(node: onnx.NodeProto) -> str:

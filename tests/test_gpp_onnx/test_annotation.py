@@ -174,3 +174,42 @@ def test_two_annotation_entries_are_an_error(rng):
     model.metadata_props.add(key=ANNOTATION_KEY, value=model.metadata_props[0].value)
     with pytest.raises(gpp_onnx.AnnotationError, match="2 metadata entries"):
         gpp_onnx.read_annotation(model)
+
+
+def quantize_weight(model: onnx.ModelProto, index: int) -> None:
+    """What ONNX Runtime's static QDQ quantization does to a conv weight: int8 ``W_quantized`` behind a
+    DequantizeLinear (per output channel), the conv node kept."""
+    name = f"W{index}"
+    init = next(i for i in model.graph.initializer if i.name == name)
+    w = numpy_helper.to_array(init)
+    scale = np.abs(w).reshape(len(w), -1).max(1) / 127
+    q = np.round(w / np.maximum(scale, 1e-12)[:, None, None, None]).astype(np.int8)
+    model.graph.initializer.remove(init)
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(q, f"{name}_quantized"),
+            numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
+            numpy_helper.from_array(np.zeros(len(w), np.int8), f"{name}_zero_point"),
+        ]
+    )
+    dq = onnx.helper.make_node(
+        "DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"], [f"{name}_dq"], axis=0
+    )
+    conv = next(n for n in model.graph.node if n.name == f"conv{index}")
+    conv.input[1] = f"{name}_dq"
+    model.graph.node.insert(0, dq)
+
+
+def test_the_annotation_survives_quantization_renaming_the_weights(rng):
+    model = pruned_model(rng)
+    quantize_weight(model, 1)
+    kept = gpp_onnx.annotation.read_kept_tiles(model)  # validated: found by the node conv1
+    assert kept.for_weight("W1_quantized") is not None and kept.for_weight("W1") is None
+    stored = next(i for i in model.graph.initializer if i.name == "W1_quantized")
+    values = numpy_helper.to_array(stored).copy()
+    pruned_tile = np.argwhere(~gpp_onnx.read_annotation(model).for_weight("W1").kept)[0]
+    _, ot, it, p = pruned_tile
+    values[ot * 16, it * 16, p // 3, p % 3] = 5  # a quantized weight back in a pruned tile
+    stored.CopyFrom(numpy_helper.from_array(values, "W1_quantized"))
+    with pytest.raises(gpp_onnx.AnnotationError, match="layer conv1: 1 tile"):
+        gpp_onnx.validate_annotation(model, gpp_onnx.read_annotation(model))
