@@ -152,7 +152,7 @@ def plot_cycles(report, path: Path, title: str) -> None:
     top.set_ylabel("simulated cycles per image")
     top.set_title(
         f"{title}\nsimulated on VTA ({report.board}): {report.cycles:,} cycles, {report.speedup:.2f}x the dense "
-        f"program, bound with every weight tile pruned {report.amdahl_bound:.2f}x",
+        f"program;\nbound with every weight tile pruned {report.amdahl_bound:.2f}x",
         fontsize=8,
     )
     top.legend(fontsize=7)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -176,7 +177,7 @@ def prune_for_latency(
     options = replace(options, tile=config)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     sites = conv_sites(loaded.model, config)
-    skip = _cpu_layers(loaded.model, sites)
+    skip = cpu_layers(loaded.model, sites)
     references = {
         site.node: reference_cycles(site.conv, site.in_shape, config)
         for site in track(sites, "dense cycles", len(sites))
@@ -267,7 +268,13 @@ def _digest(conv: QuantConv) -> str:
     return digest.hexdigest()
 
 
-def _cpu_layers(model: onnx.ModelProto, sites: list[ConvSite]) -> dict[str, str]:
+def cpu_exclusions(model: onnx.ModelProto, config: VTAConfig) -> tuple[str, ...]:
+    """``exclude`` patterns for :func:`gpp_onnx.prune` naming the weights of the convs that stay on the
+    CPU: at a sparsity target, pruning them would cost accuracy and save no VTA cycle."""
+    return tuple(f"^{re.escape(weight)}$" for weight in cpu_layers(model, conv_sites(model, config)))
+
+
+def cpu_layers(model: onnx.ModelProto, sites: list[ConvSite]) -> dict[str, str]:
     """Weight name -> why its conv stays dense: it does not run on VTA."""
     cpu = {p.node: p.reason or "does not run on VTA" for p in placements(sites) if p.device == "cpu"}
     return {

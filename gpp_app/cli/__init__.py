@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from gpp_app.cli import prune, recovery, vta
+from gpp_app.cli import demo, prune, recovery, vta
 from gpp_app.cli.common import stderr
 from gpp_onnx.files import interruption_handler
 
@@ -27,6 +27,7 @@ app.command("run-program")(vta.run_program)
 app.command("recalibrate")(recovery.recalibrate_command)
 app.command()(recovery.finetune)
 app.command("sweep")(recovery.sweep_command)
+app.command()(demo.demo)
 app.command()(prune.version)
 
 
