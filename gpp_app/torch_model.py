@@ -7,6 +7,7 @@ stay exactly as they were.
 
 from __future__ import annotations
 
+import importlib.machinery
 import sys
 import types
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ def _torchvision_stand_in() -> None:
     ops.nms = ops.box_convert = ops.roi_align = unavailable  # type: ignore[attr-defined]
     stand_in = types.ModuleType("torchvision")
     stand_in.ops = ops  # type: ignore[attr-defined]
+    for module in (stand_in, ops):  # importlib.util.find_spec (transformers asks it) fails on a module without one
+        module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, None)
     sys.modules.update({"torchvision": stand_in, "torchvision.ops": ops})
 
 
