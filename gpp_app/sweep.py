@@ -3,10 +3,10 @@
 Every point runs the recovery workflow of :mod:`gpp_app.pipeline`, writes its models under
 ``OUT/points/PATTERN-SPARSITY/`` and its row into ``OUT/results.csv`` as soon as it is done,
 so a sweep can be stopped and resumed (points already in the CSV with the same epochs are
-skipped) and run over several processes. A point that fails is reported in the ``error``
-column and the others go on. The plots ``accuracy.png`` (accuracy against sparsity per
-pattern, dense as a reference line - the paper's Figure 7) and ``speedup.png`` (simulated
-VTA speedup) are redrawn at the end.
+skipped) and run over several processes, or as Ray tasks (:mod:`gpp_app.sweep_executors`). A
+point that fails is reported in the ``error`` column and the others go on. The plots
+``accuracy.png`` (accuracy against sparsity per pattern, dense as a reference line - the paper's
+Figure 7) and ``speedup.png`` (simulated VTA speedup) are redrawn at the end.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import json
 import os
 import traceback
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -39,6 +38,7 @@ from gpp_app.pipeline import (
     recalibrate_file,
 )
 from gpp_app.recalibrate import DEFAULT_RECALIBRATION_IMAGES
+from gpp_app.sweep_executors import Dispatch, check_executor, dispatcher
 from gpp_onnx.annotation import read_kept_tiles
 from gpp_onnx.errors import UserError
 from gpp_onnx.files import write_text
@@ -72,7 +72,11 @@ class SweepOptions:
     gradual: bool = False  # fine-tune the dense model while pruning gradually (else: one-shot, then fine-tune)
     calibration: CalibrationOptions = CalibrationOptions()
     eval_limit: int | None = None
-    workers: int = 1
+    workers: int = 1  # local executor: points run in parallel processes
+    executor: str = "local"  # local (this process or `workers` processes) or ray (one Ray task per point)
+    address: str | None = None  # ray: the cluster to join (None: a local Ray instance for the sweep)
+    cpus_per_point: float = 1  # ray: the resources each point's task asks for
+    gpus_per_point: float = 0
 
     @property
     def epochs(self) -> int:
@@ -125,6 +129,7 @@ class SweepOptions:
             replace(self.finetune, epochs=max(self.epochs, 1)).check()
         check_eval_limit(self.eval_limit)
         self.calibration.check()
+        check_executor(self.executor, self.workers, self.address, self.cpus_per_point, self.gpus_per_point)
 
 
 @dataclass
@@ -228,21 +233,31 @@ def write_rows(path: Path, rows: list[SweepRow]) -> None:
 Point = tuple[str, float | None, float | None, int]  # pattern, sparsity target, speedup target, seed
 
 
-def run_point(model_path: str, data_path: str, out_dir: str, point: Point, options: SweepOptions):
+def run_point(model_path: str, data_path: str, out_dir: str, point: Point, options: SweepOptions) -> SweepRow:
     """One sweep point (pattern, sparsity or speedup target, seed), in a worker process; never raises:
     failures go into the row's ``error``."""
-    pattern, sparsity, speedup, seed = point
-    row = SweepRow(pattern, sparsity, options.epochs, seed, options.recipe, speedup)
+    row = _new_row(point, options)
     recipe = hashlib.sha256(options.recipe.encode()).hexdigest()[:8]
-    folder = Path(out_dir) / "points" / f"{pattern}-{row.target}-seed{seed}-{recipe}"
+    folder = Path(out_dir) / "points" / f"{row.pattern}-{row.target}-seed{row.seed}-{recipe}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         _recover(Path(model_path), Path(data_path), folder, row, options)
     except Exception as exc:  # a failed point is reported, the sweep goes on
-        row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        row.error = _error_text(exc)
         if folder.is_dir():
             write_text(folder / "error.txt", traceback.format_exc())
     return row
+
+
+def _new_row(point: Point, options: SweepOptions) -> SweepRow:
+    """The row of a point, before it runs."""
+    pattern, sparsity, speedup, seed = point
+    return SweepRow(pattern, sparsity, options.epochs, seed, options.recipe, speedup)
+
+
+def _error_text(exc: BaseException) -> str:
+    """An exception as the ``error`` cell: its type and first line."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
 def _recover(dense: Path, data_path: Path, folder: Path, row: SweepRow, options: SweepOptions) -> None:
@@ -374,28 +389,29 @@ def _sweep(model_path: Path, data_path: Path, dataset, out_dir: Path, options: S
     csv_path = out_dir / "results.csv"
     rows = [r for r in read_rows(csv_path) if not r.error]
     done = {r.key for r in rows}
-    dense = _dense_reference(model_path, data_path, out_dir, options.eval_limit)
     todo = [
         (p, s, x, seed)
         for p, s, x, seed in options.points
         if (p, _rounded(s), _rounded(x), options.epochs, seed, options.recipe) not in done
     ]
-    for row in _run_points(model_path, data_path, out_dir, todo, options):
-        rows.append(row)
-        write_rows(csv_path, rows)
-        on_point(row)
+    executor = (options.executor, options.workers, options.address, options.cpus_per_point, options.gpus_per_point)
+    with dispatcher(*executor) as dispatch:  # Ray is reached (or refused) before the dense model is evaluated
+        dense = _dense_reference(model_path, data_path, out_dir, options.eval_limit)
+        for row in _run_points(dispatch, model_path, data_path, out_dir, todo, options):
+            rows.append(row)
+            write_rows(csv_path, rows)
+            on_point(row)
     rows = read_rows(csv_path)
     plot_sweep(rows, dense["accuracy_ort"], out_dir, f"{model_path.name}, {dataset.describe().split(' at ')[0]}")
     return SweepResult(dense, rows, str(csv_path))
 
 
-def _run_points(model_path: Path, data_path: Path, out_dir: Path, todo: list, options: SweepOptions):
-    """Rows of the points in ``todo``, as they finish (in this process, or over ``options.workers``)."""
-    args = (str(model_path), str(data_path), str(out_dir))
-    if options.workers == 1:
-        yield from (run_point(*args, point, options) for point in todo)
-        return
-    with ProcessPoolExecutor(max_workers=options.workers) as pool:
-        futures = [pool.submit(run_point, *args, point, options) for point in todo]
-        for future in as_completed(futures):
-            yield future.result()
+def _run_points(
+    dispatch: Dispatch, model_path: Path, data_path: Path, out_dir: Path, todo: list[Point], options: SweepOptions
+) -> Iterator[SweepRow]:
+    """Rows of the points in ``todo``, as ``dispatch`` finishes them (absolute paths: a Ray worker runs
+    elsewhere); a point whose task was lost gets a row with the error."""
+    args = (str(model_path.resolve()), str(data_path.resolve()), str(out_dir.resolve()))
+    for (*_, point, _), outcome in dispatch(run_point, [(*args, point, options) for point in todo]):
+        lost = isinstance(outcome, Exception)
+        yield replace(_new_row(point, options), error=_error_text(outcome)) if lost else outcome

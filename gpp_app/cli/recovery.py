@@ -176,6 +176,23 @@ SpeedupsOpt = Annotated[
         help="Comma-separated simulated VTA speedup targets (latency-target pruning on the pynq cycle model).",
     ),
 ]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="Points run in parallel processes (--executor local).")]
+ExecutorOpt = Annotated[
+    str, typer.Option("--executor", help="local (this machine's processes) or ray (one Ray task per point).")
+]
+AddressOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--address",
+        help="Ray cluster to join, e.g. auto or HEAD:6379 (default: a local Ray instance for the sweep); "
+        "model, data and -o must be at the same paths on every node.",
+        show_default=False,
+    ),
+]
+CpusPerPointOpt = Annotated[float, typer.Option("--cpus-per-point", help="CPUs each point's Ray task reserves.")]
+GpusPerPointOpt = Annotated[
+    float, typer.Option("--gpus-per-point", help="GPUs each point's Ray task reserves (fractions share a GPU).")
+]
 
 
 @command
@@ -202,7 +219,11 @@ def sweep_command(
         SweepOptions.gradual
     ),
     exclude: ExcludeOpt = None,
-    workers: Annotated[int, typer.Option("--workers", help="Points run in parallel processes.")] = SweepOptions.workers,
+    workers: WorkersOpt = SweepOptions.workers,
+    executor: ExecutorOpt = SweepOptions.executor,
+    address: AddressOpt = SweepOptions.address,
+    cpus_per_point: CpusPerPointOpt = SweepOptions.cpus_per_point,
+    gpus_per_point: GpusPerPointOpt = SweepOptions.gpus_per_point,
     calibration_images: Annotated[
         int, typer.Option("--calibration-images", help="Train images to calibrate VTA's activation scales on.")
     ] = CalibrationOptions.images,
@@ -226,12 +247,9 @@ def sweep_command(
             kd_weight=kd_weight,
             qat_epochs=qat_epochs,
         ),
-        distil=distil,
-        scope=scope,
-        layer_floor=layer_floor,
-        gradual=gradual,
-        exclude=tuple(exclude or ()),
-        workers=workers,
+        **dict(distil=distil, scope=scope, layer_floor=layer_floor, gradual=gradual, exclude=tuple(exclude or ())),
+        **dict(workers=workers, executor=executor, address=address),
+        **dict(cpus_per_point=cpus_per_point, gpus_per_point=gpus_per_point),
         calibration=CalibrationOptions(images=calibration_images),
         eval_limit=eval_limit,
     )
