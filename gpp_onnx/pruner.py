@@ -304,10 +304,10 @@ def inspect(model: ModelSource, tile: TileShape | str | object | None = None) ->
     layers = find_layers(loaded.model)
     if annotation is None:
         return build_report(layers, annotated_statuses(layers, None), resolve_tile(tile))
-    validate_annotation(loaded.model, annotation)
+    annotated = validate_annotation(loaded.model, annotation)
     return build_report(
         layers,
-        annotated_statuses(layers, annotation),
+        annotated_statuses(layers, annotation, annotated),
         annotation.tile,
         annotation.pattern,
         annotation.scope,

@@ -138,12 +138,16 @@ def measure_layer(layer: Layer, tile: TileShape, status: str, pattern: str | Non
 Status = tuple[str, str | None]  # ("pruned" | "skipped" | "dense", reason)
 
 
-def annotated_statuses(layers: list[Layer], annotation: Annotation | None) -> dict[str, Status]:
-    """Each layer's status as a model's annotation (or its absence) says."""
+def annotated_statuses(
+    layers: list[Layer], annotation: Annotation | None, annotated: dict[str, Layer] | None = None
+) -> dict[str, Status]:
+    """Each layer's status as a model's annotation (or its absence) says; ``annotated`` is what
+    ``validate_annotation`` returned (it finds weights a quantizer renamed)."""
     skipped = {s.weight: s.reason for s in annotation.skipped} if annotation else {}
+    pruned = {layer.weight for layer in (annotated or {}).values()}
     statuses: dict[str, Status] = {}
     for layer in layers:
-        if annotation is not None and annotation.for_weight(layer.weight) is not None:
+        if annotation is not None and (layer.weight in pruned or annotation.for_weight(layer.weight) is not None):
             statuses[layer.weight] = ("pruned", None)
         elif layer.weight in skipped:
             statuses[layer.weight] = ("skipped", skipped[layer.weight])

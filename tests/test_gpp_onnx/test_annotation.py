@@ -205,6 +205,8 @@ def test_the_annotation_survives_quantization_renaming_the_weights(rng):
     quantize_weight(model, 1)
     kept = gpp_onnx.annotation.read_kept_tiles(model)  # validated: found by the node conv1
     assert kept.for_weight("W1_quantized") is not None and kept.for_weight("W1") is None
+    statuses = {row.weight: row.status for row in gpp_onnx.inspect(model).layers}
+    assert statuses == {"W0": "pruned", "W1_quantized": "pruned"}
     stored = next(i for i in model.graph.initializer if i.name == "W1_quantized")
     values = numpy_helper.to_array(stored).copy()
     pruned_tile = np.argwhere(~gpp_onnx.read_annotation(model).for_weight("W1").kept)[0]
