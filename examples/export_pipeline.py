@@ -15,9 +15,11 @@ Steps, each with the tool a pipeline already uses:
 5. the quantized model with its convs on the VTA simulator (``gpp_app.evaluate``), against the dense
    fp32 model on ONNX Runtime: accuracy and simulated speedup.
 
-Prints one JSON document; writes ``OUT/dense.onnx`` and ``OUT/pruned-qdq.onnx``. Exit status 1 when
-the VTA accuracy is more than ``--max-drop`` points below the dense model's, 2 on bad input. The data
-default to the embedded sample of CIFAR-10 (1,000 test, 500 train images).
+Prints one JSON document; writes ``OUT/dense.onnx`` and ``OUT/pruned-qdq.onnx`` once every step has
+passed (each file atomically). Exit status 1 when the VTA accuracy is more than ``--max-drop`` points
+below the dense model's, 2 on bad input (one line), 130 when interrupted (temporary files removed). The
+data default to the embedded sample of CIFAR-10 (1,000 test, 500 train images); the pruning recipe is
+the demo's (``gpp_app.demo.PRUNING``).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ import argparse
 import io
 import json
 import logging
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -37,31 +41,33 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 
 import gpp_onnx
 from gpp_app import data
-from gpp_app.demo import MODEL_ASSET, demo_asset, demo_data
+from gpp_app.demo import IMAGES, MODEL_ASSET, PRUNING, demo_asset, demo_data
 from gpp_app.evaluate import RunOptions, evaluate
 from gpp_app.recalibrate import recalibrate_from_data
 from gpp_app.torch_model import import_training
 from gpp_onnx.errors import UserError
-from gpp_onnx.files import temporary_folder
-from gpp_onnx.model_io import image_input
+from gpp_onnx.files import interruption_handler, temporary_folder
+from gpp_onnx.model_io import check_output_path, image_input
 from gpp_onnx.normalization import normalization_for, write_normalization
 from vta_backend.calibration import CalibrationOptions
 from vta_backend.config import VTAConfig
 from vta_backend.latency import cpu_exclusions
 
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # the normalisation torch_model() expects
-TRAIN_IMAGES = 500  # for recalibration, QDQ calibration and VTA's activation scales
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]
+TRAIN_IMAGES = IMAGES  # the demo's: for recalibration, QDQ calibration and VTA's activation scales
 
 
-def torch_model() -> torch.nn.Module:
-    """The PyTorch model to deploy (replace with yours): the demo CNN, converted with onnx2torch."""
+def torch_model() -> tuple[torch.nn.Module, Normalization]:
+    """The PyTorch model to deploy and the input normalisation it was trained with (replace with yours):
+    the demo CNN, converted with onnx2torch."""
     _, onnx2torch = import_training()  # onnx2torch, importable beside the CPU build of torch
 
     with demo_asset(MODEL_ASSET) as path:
-        return onnx2torch.convert(onnx.load(path)).eval()
+        model = onnx.load(path)
+    return onnx2torch.convert(model).eval(), normalization_for(model)
 
 
-def export(model: torch.nn.Module) -> onnx.ModelProto:
+def export(model: torch.nn.Module, normalization: Normalization) -> onnx.ModelProto:
     """``torch.onnx.export`` into memory: dynamic batch, opset 17, normalisation recorded in the metadata."""
     buffer = io.BytesIO()
     with warnings.catch_warnings():
@@ -77,7 +83,7 @@ def export(model: torch.nn.Module) -> onnx.ModelProto:
             dynamo=False,
         )
     exported = onnx.load_from_string(buffer.getvalue())
-    write_normalization(exported, MEAN, STD)
+    write_normalization(exported, *normalization)
     return exported
 
 
@@ -93,39 +99,44 @@ class TrainImages(CalibrationDataReader):
         return next(self._feeds, None)
 
 
-def quantize_qdq(model: onnx.ModelProto, data_path: Path, output: Path) -> onnx.ModelProto:
-    """Static int8 QDQ quantization with onnxruntime.quantization (weights per channel)."""
-    with temporary_folder("gpp-export-") as folder:
-        gpp_onnx.save_model(model, folder / "pruned.onnx", external_data=False)
-        logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process the model first
+def quantize_qdq(model: onnx.ModelProto, data_path: Path, output: Path) -> None:
+    """Static int8 QDQ quantization with onnxruntime.quantization (weights per channel) into ``output``."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice, on the root logger, to pre-process the model first
+    try:
+        gpp_onnx.save_model(model, output.with_name("pruned.onnx"), external_data=False)
         quantize_static(
-            folder / "pruned.onnx",
-            folder / "qdq.onnx",
+            output.with_name("pruned.onnx"),
+            output,
             TrainImages(model, data_path),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
         )
-        quantized = onnx.load(folder / "qdq.onnx")
-    gpp_onnx.save_model(quantized, output, external_data=False)
-    return quantized
+    finally:
+        root.setLevel(level)
 
 
 def pipeline(out: Path, data_path: Path, sparsity: float) -> dict:
-    """Run the five steps; returns the figures."""
+    """Run the five steps in a temporary folder; write the two models into ``out`` only when all passed."""
+    check_output_path(out / "dense.onnx" if out.is_dir() else out, [])
     config = VTAConfig()
-    dense = export(torch_model())
-    pruned, report = gpp_onnx.prune(
-        dense, sparsity, pattern="group", scope="global", layer_floor=0.05, exclude=cpu_exclusions(dense, config)
-    )
+    dense = export(*torch_model())
+    options = replace(PRUNING, sparsity=sparsity, exclude=cpu_exclusions(dense, config), tile=config)
+    pruned, report = gpp_onnx.prune(dense, **options.arguments())
     pruned = recalibrate_from_data(pruned, dense, data_path, TRAIN_IMAGES)
-    out.mkdir(parents=True, exist_ok=True)
-    gpp_onnx.save_model(dense, out / "dense.onnx", external_data=False)
-    quantized = quantize_qdq(pruned, data_path, out / "pruned-qdq.onnx")
-    gpp_onnx.validate_annotation(quantized, gpp_onnx.read_annotation(quantized))  # pruned tiles still all zero
-    options = RunOptions(calibration=CalibrationOptions(images=TRAIN_IMAGES), baseline=out / "dense.onnx")
-    run = evaluate(out / "pruned-qdq.onnx", data_path, options)
+    with temporary_folder("gpp-export-") as work:
+        gpp_onnx.save_model(dense, work / "dense.onnx", external_data=False)
+        quantize_qdq(pruned, data_path, work / "pruned-qdq.onnx")
+        quantized = onnx.load(work / "pruned-qdq.onnx")
+        gpp_onnx.validate_annotation(quantized, gpp_onnx.read_annotation(quantized))  # pruned tiles still zero
+        options = RunOptions(calibration=CalibrationOptions(images=TRAIN_IMAGES), baseline=work / "dense.onnx")
+        run = evaluate(quantized, data_path, options)
+        out.mkdir(exist_ok=True)
+        for name in ("dense.onnx", "pruned-qdq.onnx"):
+            gpp_onnx.save_model(onnx.load(work / name), out / name, external_data=False)
     return {
         "sparsity": report.sparsity,
         "test_images": run.images,
@@ -135,7 +146,6 @@ def pipeline(out: Path, data_path: Path, sparsity: float) -> dict:
         "drop_points": (run.baseline.accuracy - run.accuracy) * 100,
         "vta_cycles_simulated": run.vta.cycles,
         "vta_speedup_simulated": run.vta.speedup,
-        "annotation_valid_after_quantization": True,
         "outputs": [str(out / "dense.onnx"), str(out / "pruned-qdq.onnx")],
     }
 
@@ -144,15 +154,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", type=Path, default=Path("export-pipeline"))
     parser.add_argument("--data", type=Path, default=None, help="CIFAR-10 folder (default: the embedded sample)")
-    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--sparsity", type=float, default=PRUNING.sparsity)
     parser.add_argument("--max-drop", type=float, default=5.0, help="points below dense fp32 that still pass")
     args = parser.parse_args()
+    for stop in (signal.SIGINT, signal.SIGTERM):  # unwind like Ctrl-C: temporary folders are removed
+        signal.signal(stop, interruption_handler)
     try:
         with demo_data(args.data) as data_path:
             result = pipeline(args.output, data_path, args.sparsity)
-    except UserError as exc:
+    except (UserError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; no partial output was left behind", file=sys.stderr)
+        return 130
     result["passed"] = result["drop_points"] <= args.max_drop
     print(json.dumps(result, indent=2))
     return 0 if result["passed"] else 1

@@ -4,13 +4,14 @@ Prune the small CIFAR-10 CNN shipped in ``demo_assets/`` (group pattern, 50 %, t
 stays on the CPU left dense), recalibrate it, compile its convs to VTA programs, run it with the
 convs on the VTA simulator beside dense ONNX Runtime, and write the pruned model, the programs, the
 plots and ``summary.json`` into one folder. The data are the embedded sample (1,000 test and 500
-train images, JPEG) unless a CIFAR-10 folder is given. Everything is computed before anything is
-written, and every file is written atomically.
+train images, JPEG) unless a CIFAR-10 folder is given. Everything is computed and written into a
+staging folder beside the output first, then moved into place, ``summary.json`` last.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -25,8 +26,8 @@ from gpp_app.evaluate import EvalResult, RunOptions, calibrate_on_data, evaluate
 from gpp_app.plots import plot_cycles, plot_tile_maps
 from gpp_app.recalibrate import recalibrate_from_data
 from gpp_onnx.errors import UserError
-from gpp_onnx.files import temporary_folder, write_text
-from gpp_onnx.model_io import load_model, save_model
+from gpp_onnx.files import publish, staging_folder, temporary_folder, write_text
+from gpp_onnx.model_io import check_output_path, load_model, save_model
 from gpp_onnx.normalization import normalization_for
 from gpp_onnx.progress import Track, no_progress
 from gpp_onnx.pruner import PruneOptions, prune
@@ -89,8 +90,21 @@ def demo_data(data_dir: Path | None) -> Iterator[Path]:
 
 
 def _check_output(output: Path) -> None:
+    """Refuse, before any work, an output that is a file or a folder that cannot be made or written."""
     if output.exists() and not output.is_dir():
         raise UserError(f"output {output} is a file; give a folder path")
+    check_output_path(output / "summary.json" if output.is_dir() else output, [])
+
+
+def _publish_all(staging: Path, output: Path) -> None:
+    """Move the staged results into ``output``; ``summary.json`` last, so it always describes the files beside it."""
+    output.mkdir(exist_ok=True)
+    programs = output / "vta-programs"
+    if programs.exists():
+        os.replace(programs, staging / "previous-programs")  # removed with the staging folder
+    os.replace(staging / "vta-programs", programs)
+    for name in ("pruned.onnx", "tile-maps.png", "cycles.png", "summary.json"):
+        publish(staging / name, output / name)
 
 
 def _prune(dense: onnx.ModelProto, config: VTAConfig, track: Track) -> tuple[onnx.ModelProto, Report]:
@@ -116,11 +130,14 @@ def run_demo(output: Path, data_dir: Path | None = None, track: Track = no_progr
         if data_dir is None:
             result.data = SAMPLE_DESCRIPTION
         result.model = str(output / "pruned.onnx")
-    output.mkdir(parents=True, exist_ok=True)
-    save_model(pruned, output / "pruned.onnx", external_data=False)
-    write_programs(compiled, output / "vta-programs")
-    plot_tile_maps(report, output / "tile-maps.png")
-    plot_cycles(result.vta, output / "cycles.png", f"demo CNN, group {PRUNING.sparsity:.0%} ({result.images} images)")
     demo = DemoResult(str(output), report, result)
-    write_text(output / "summary.json", json.dumps(demo.to_dict(), indent=2) + "\n")
+    writable = output / "summary.json" if output.is_dir() else output  # the staging folder goes beside this
+    with staging_folder(writable) as staging:
+        save_model(pruned, staging / "pruned.onnx", external_data=False)
+        write_programs(compiled, staging / "vta-programs")
+        plot_tile_maps(report, staging / "tile-maps.png")
+        title = f"demo CNN, group {PRUNING.sparsity:.0%} ({result.images} images)"
+        plot_cycles(result.vta, staging / "cycles.png", title)
+        write_text(staging / "summary.json", json.dumps(demo.to_dict(), indent=2) + "\n")
+        _publish_all(staging, output)
     return demo

@@ -139,8 +139,8 @@ def _prune(model_path: str | Path, config: BasePassConfig) -> onnx.ModelProto:
         config.allow_empty_layers,
     )
     if config.target_speedup is None:
-        if config.board is not None:
-            raise UserError("board sets the cycle model of target_speedup; give target_speedup or drop board")
+        if config.board is not None or config.allocation != DEFAULT_ALLOCATION:
+            raise UserError("board and allocation apply to target_speedup; give target_speedup or drop them")
         pruned, report = prune(model_path, **options.arguments())
         logger.info("pruned %s to sparsity %.4f (%s, %s)", model_path, report.sparsity, options.pattern, options.scope)
         return pruned

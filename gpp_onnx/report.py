@@ -142,15 +142,18 @@ def annotated_statuses(
     layers: list[Layer], annotation: Annotation | None, annotated: dict[str, Layer] | None = None
 ) -> dict[str, Status]:
     """Each layer's status as a model's annotation (or its absence) says; ``annotated`` is what
-    ``validate_annotation`` returned (it finds weights a quantizer renamed)."""
-    skipped = {s.weight: s.reason for s in annotation.skipped} if annotation else {}
+    ``validate_annotation`` returned. A layer whose weight a quantizer renamed is matched by its nodes."""
     pruned = {layer.weight for layer in (annotated or {}).values()}
+    skipped = {}
+    for entry in annotation.skipped if annotation else []:
+        skipped[entry.weight] = skipped[entry.name] = entry.reason
     statuses: dict[str, Status] = {}
     for layer in layers:
-        if annotation is not None and (layer.weight in pruned or annotation.for_weight(layer.weight) is not None):
+        reason = skipped.get(layer.weight, skipped.get(layer.name))
+        if layer.weight in pruned:
             statuses[layer.weight] = ("pruned", None)
-        elif layer.weight in skipped:
-            statuses[layer.weight] = ("skipped", skipped[layer.weight])
+        elif reason is not None:
+            statuses[layer.weight] = ("skipped", reason)
         elif layer.skip_reason is not None:
             statuses[layer.weight] = ("skipped", layer.skip_reason)
         else:

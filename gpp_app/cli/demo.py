@@ -12,7 +12,7 @@ from gpp_app.cli.common import JsonOpt, Output, command, progress, stdout
 
 DemoDataOpt = Annotated[
     Optional[Path],
-    typer.Option("--data", help="A CIFAR-10 folder to use instead of the embedded 1,000-image sample."),
+    typer.Option("--data", help="A CIFAR-10 folder instead of the embedded sample (1,000 test, 500 train images)."),
 ]
 DemoOutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Folder for the model, programs and plots.")]
 
@@ -21,18 +21,19 @@ def _print_demo(demo) -> None:
     """Dense ORT against the pruned model on ORT and on the VTA simulator, then what was written."""
     run, vta = demo.run, demo.run.vta
     table = Table(title=f"demo CNN on {run.images:,} test images", title_justify="left")
-    for column in ("model", "backend", "top-1 accuracy", "VTA cycles / image (simulated)"):
-        table.add_column(column, justify="left" if column in ("model", "backend") else "right")
-    table.add_row("dense", "ONNX Runtime fp32", f"{run.baseline.accuracy:.2%}", f"{vta.dense_cycles:,}")
+    for column in ("model", "backend", "top-1 accuracy"):
+        table.add_column(column, justify="right" if column == "top-1 accuracy" else "left")
     pruned = f"group {demo.pruning.sparsity:.0%}"
-    table.add_row(pruned, "ONNX Runtime fp32", f"{run.reference.accuracy:.2%}", "")
-    table.add_row(pruned, "VTA int8 (simulator)", f"{run.accuracy:.2%}", f"{vta.cycles:,}")
+    table.add_row("dense", "ONNX Runtime fp32", f"{run.baseline.accuracy:.2%}")
+    table.add_row(pruned, "ONNX Runtime fp32", f"{run.reference.accuracy:.2%}")
+    table.add_row(pruned, "VTA int8 (simulator)", f"{run.accuracy:.2%}")
     stdout.print(table)
     stdout.print(f"data: {run.data}")
     stdout.print(
-        f"simulated speedup on VTA ({vta.board}): {vta.speedup:.2f}x (bound with every weight tile pruned: "
-        f"{vta.amdahl_bound:.2f}x); VTA int8 agrees with ORT fp32 on {run.agreement:.2%} of the images; "
-        "one-shot pruning and recalibration, no fine-tuning (gpp-onnx finetune recovers more)"
+        f"simulated VTA ({vta.board}) cycles per image: dense {vta.dense_cycles:,}, {pruned} {vta.cycles:,}: "
+        f"{vta.speedup:.2f}x (bound with every weight tile pruned: {vta.amdahl_bound:.2f}x); VTA int8 agrees "
+        f"with ORT fp32 on {run.agreement:.2%} of the images; one-shot pruning and recalibration, no "
+        "fine-tuning (gpp-onnx finetune recovers more)"
     )
     stdout.print(f"written to {demo.output}/: pruned.onnx, vta-programs/, tile-maps.png, cycles.png, summary.json")
 

@@ -41,3 +41,5 @@ def test_demo_refuses_bad_output_and_data_before_any_work(capsys, tmp_path):
     assert taken.read_text() == "mine"
     code, _, stderr = run_cli(capsys, "demo", "-o", str(tmp_path / "out"), "--data", str(tmp_path / "missing"))
     assert code == 2 and "does not exist" in stderr and not (tmp_path / "out").exists()
+    code, _, stderr = run_cli(capsys, "demo", "-o", str(tmp_path / "no" / "such" / "folder"))
+    assert code == 2 and stderr.count("\n") == 1 and "does not exist" in stderr and not (tmp_path / "no").exists()

@@ -215,3 +215,16 @@ def test_the_annotation_survives_quantization_renaming_the_weights(rng):
     stored.CopyFrom(numpy_helper.from_array(values, "W1_quantized"))
     with pytest.raises(gpp_onnx.AnnotationError, match="layer conv1: 1 tile"):
         gpp_onnx.validate_annotation(model, gpp_onnx.read_annotation(model))
+
+
+def test_a_skipped_layer_keeps_its_reason_after_quantization(rng):
+    ws = [
+        rng.standard_normal((32, 16, 3, 3)).astype(np.float32),
+        rng.standard_normal((32, 32, 3, 3)).astype(np.float32),
+    ]
+    model, _ = gpp_onnx.prune(conv_model(ws, [1, 16, 6, 6], attrs=[{"pads": [1] * 4}] * 2), 0.6, exclude=["^W0$"])
+    quantize_weight(model, 0)
+    quantize_weight(model, 1)
+    rows = {row.weight: (row.status, row.reason) for row in gpp_onnx.inspect(model).layers}
+    assert rows["W1_quantized"] == ("pruned", None)
+    assert rows["W0_quantized"][0] == "skipped" and "excluded" in rows["W0_quantized"][1]
