@@ -25,12 +25,10 @@ the demo's (``gpp_app.demo.PRUNING``).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import signal
 import sys
-import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -44,11 +42,11 @@ from gpp_app import data
 from gpp_app.demo import IMAGES, MODEL_ASSET, PRUNING, demo_asset, demo_data
 from gpp_app.evaluate import RunOptions, evaluate
 from gpp_app.recalibrate import recalibrate_from_data
-from gpp_app.torch_model import import_training
+from gpp_app.torch_model import export_image_classifier, import_training
 from gpp_onnx.errors import UserError
 from gpp_onnx.files import interruption_handler, temporary_folder
 from gpp_onnx.model_io import check_output_path, image_input
-from gpp_onnx.normalization import normalization_for, write_normalization
+from gpp_onnx.normalization import normalization_for
 from vta_backend.calibration import CalibrationOptions
 from vta_backend.config import VTAConfig
 from vta_backend.latency import cpu_exclusions
@@ -65,26 +63,6 @@ def torch_model() -> tuple[torch.nn.Module, Normalization]:
     with demo_asset(MODEL_ASSET) as path:
         model = onnx.load(path)
     return onnx2torch.convert(model).eval(), normalization_for(model)
-
-
-def export(model: torch.nn.Module, normalization: Normalization) -> onnx.ModelProto:
-    """``torch.onnx.export`` into memory: dynamic batch, opset 17, normalisation recorded in the metadata."""
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (torch.zeros(1, 3, 32, 32),),
-            buffer,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
-    exported = onnx.load_from_string(buffer.getvalue())
-    write_normalization(exported, *normalization)
-    return exported
 
 
 class TrainImages(CalibrationDataReader):
@@ -123,7 +101,7 @@ def pipeline(out: Path, data_path: Path, sparsity: float) -> dict:
     """Run the five steps in a temporary folder; write the two models into ``out`` only when all passed."""
     check_output_path(out / "dense.onnx" if out.is_dir() else out, [])
     config = VTAConfig()
-    dense = export(*torch_model())
+    dense = export_image_classifier(*torch_model())
     options = replace(PRUNING, sparsity=sparsity, exclude=cpu_exclusions(dense, config), tile=config)
     pruned, report = gpp_onnx.prune(dense, **options.arguments())
     pruned = recalibrate_from_data(pruned, dense, data_path, TRAIN_IMAGES)

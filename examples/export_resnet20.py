@@ -16,11 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
-import warnings
 from pathlib import Path
 
-import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,7 +25,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import gpp_onnx
 from gpp_app import data
-from gpp_onnx.normalization import write_normalization
+from gpp_app.torch_model import export_image_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS_DIR = Path(os.environ.get("GPP_MODELS_DIR", REPO.parent / "shared" / "models"))
@@ -111,23 +108,7 @@ def torch_accuracy(model: nn.Module, data_dir: Path, limit: int | None, batch: i
 
 def export(model: ResNet20, output: Path) -> None:
     model.fold_batch_norm()
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and constant-folding notes
-        raw = Path(tmp) / "resnet20.onnx"
-        torch.onnx.export(
-            model,
-            (torch.zeros(1, 3, 32, 32),),
-            raw,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
-        onnx_model = onnx.load(raw)
-    write_normalization(onnx_model, MEAN, STD)
-    onnx.checker.check_model(onnx_model)
-    gpp_onnx.save_model(onnx_model, output, external_data=False)
+    gpp_onnx.save_model(export_image_classifier(model, (MEAN, STD)), output, external_data=False)
 
 
 def main() -> None:

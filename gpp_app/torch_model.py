@@ -8,8 +8,10 @@ stay exactly as they were.
 from __future__ import annotations
 
 import importlib.machinery
+import io
 import sys
 import types
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +20,7 @@ from onnx import numpy_helper
 
 from gpp_onnx.annotation import read_annotation
 from gpp_onnx.errors import UserError
+from gpp_onnx.normalization import write_normalization
 
 INSTALL_HINT = "fine-tuning needs torch and onnx2torch: pip install -e '.[train]' (torch==2.13.0, the CPU build)"
 
@@ -58,6 +61,31 @@ def import_training():
         _torchvision_stand_in()
         import onnx2torch
     return torch, onnx2torch
+
+
+def export_image_classifier(
+    module: object, normalization: tuple[tuple[float, ...], tuple[float, ...]]
+) -> onnx.ModelProto:
+    """A torch image classifier as ONNX, in memory: input ``input`` [batch, 3, 32, 32], output ``logits``,
+    dynamic batch, opset 17 (the TorchScript exporter), the input normalisation in the metadata."""
+    torch, _ = import_training()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and constant-folding notes
+        torch.onnx.export(
+            module,
+            (torch.zeros(1, 3, 32, 32),),
+            buffer,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    exported = onnx.load_from_string(buffer.getvalue())
+    write_normalization(exported, *normalization)
+    onnx.checker.check_model(exported)
+    return exported
 
 
 @dataclass

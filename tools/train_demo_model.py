@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
-import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,7 +29,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import gpp_onnx
 from gpp_app import data
-from gpp_onnx.normalization import write_normalization
+from gpp_app.torch_model import export_image_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "gpp_app" / "demo_assets"
@@ -109,23 +106,8 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
 def export(model: DemoCNN, output: Path) -> None:
     """Batch-norm folded, dynamic batch, opset 17, CIFAR-10 normalisation in the metadata."""
     model.fold_batch_norm()
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        raw = Path(tmp) / "model.onnx"
-        torch.onnx.export(
-            model,
-            (torch.zeros(1, 3, 32, 32),),
-            raw,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
-        onnx_model = onnx.load(raw)
-    write_normalization(onnx_model, MEAN, STD)
+    onnx_model = export_image_classifier(model, (MEAN, STD))
     onnx_model.doc_string = "gpp-onnx demo CNN: trained from scratch on CIFAR-10 by tools/train_demo_model.py"
-    onnx.checker.check_model(onnx_model)
     gpp_onnx.save_model(onnx_model, output, external_data=False)
 
 
