@@ -27,7 +27,7 @@ from gpp_app.plots import plot_cycles, plot_tile_maps
 from gpp_app.recalibrate import recalibrate_from_data
 from gpp_onnx.errors import UserError
 from gpp_onnx.files import publish, staging_folder, temporary_folder, write_text
-from gpp_onnx.model_io import check_output_path, load_model, save_model
+from gpp_onnx.model_io import check_output_folder, load_model, save_model
 from gpp_onnx.normalization import normalization_for
 from gpp_onnx.progress import Track, no_progress
 from gpp_onnx.pruner import PruneOptions, prune
@@ -89,13 +89,6 @@ def demo_data(data_dir: Path | None) -> Iterator[Path]:
         yield folder
 
 
-def _check_output(output: Path) -> None:
-    """Refuse, before any work, an output that is a file or a folder that cannot be made or written."""
-    if output.exists() and not output.is_dir():
-        raise UserError(f"output {output} is a file; give a folder path")
-    check_output_path(output / "summary.json" if output.is_dir() else output, [])
-
-
 def _publish_all(staging: Path, output: Path) -> None:
     """Move the staged results into ``output``; ``summary.json`` last, so it always describes the files beside it."""
     output.mkdir(exist_ok=True)
@@ -115,7 +108,7 @@ def _prune(dense: onnx.ModelProto, config: VTAConfig, track: Track) -> tuple[onn
 
 def run_demo(output: Path, data_dir: Path | None = None, track: Track = no_progress) -> DemoResult:
     """Prune, recalibrate, compile and run the embedded CNN; write the results into ``output``."""
-    _check_output(output)
+    check_output_folder(output, [])  # before any work
     config = VTAConfig()
     calibration = CalibrationOptions(images=IMAGES)
     with demo_asset(MODEL_ASSET) as dense_path, demo_data(data_dir) as data_path:

@@ -110,6 +110,16 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
+def check_output_folder(output: str | os.PathLike[str], inputs: list[Path]) -> Path:
+    """Refuse an output folder that is a file, or that (or whose parent, when it does not exist yet) cannot
+    be written, or whose ``summary.json`` would overwrite an input."""
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} is a file; give a folder path")
+    check_output_path(out / "summary.json" if out.is_dir() else out, inputs)
+    return out
+
+
 def check_output_path(output: str | os.PathLike[str], inputs: list[Path]) -> Path:
     """Refuse an output that would overwrite an input or cannot be written."""
     out = Path(output)

@@ -27,7 +27,7 @@ from gpp_app.cli.common import (
 )
 from gpp_app.evaluate import RunOptions
 from gpp_onnx.errors import UserError
-from gpp_onnx.model_io import check_input_path, check_output_path, image_input, load_model
+from gpp_onnx.model_io import check_input_path, check_output_folder, check_output_path, image_input, load_model
 from vta_backend.calibration import CalibrationOptions
 from vta_backend.quantization import QuantizationOptions
 
@@ -93,12 +93,6 @@ def check_input_shape(shape: tuple[int, ...] | None, dims: list) -> None:
         )
 
 
-def _check_compile_output(output: Path, model: Path) -> None:
-    if output.exists() and not output.is_dir():
-        raise UserError(f"output {output} is a file; give a folder path")
-    check_output_path(output / "summary.json" if output.is_dir() else output, [model])
-
-
 CalibrationMethodOpt = Annotated[str, typer.Option("--calibration-method", help="percentile, entropy or minmax.")]
 CalibrationImagesOpt = Annotated[int, typer.Option("--calibration-images", help="Train images to calibrate on.")]
 MaxDropOpt = Annotated[
@@ -140,7 +134,7 @@ def compile_command(
 
     check_input_path(model)
     output = output or model.with_name(model.stem + "-vta")
-    _check_compile_output(output, model)
+    check_output_folder(output, [model])
     check_plot_path(plot, [model])
     config = load_vta_config(vta_config, board)
     quantization = quantization_options(per_channel, activation_shift)
