@@ -188,8 +188,8 @@ def prune_for_latency(
     dense_cycles = sum(dense for dense, _ in references.values())
     wanted = target.cycles_for(dense_cycles)
     allocate = _allocate_global if allocation == "global" else _allocate
-    attempt = _search(loaded, (tables, allocate), options, skip, config, (wanted, fixed))
-    cheapest = allocate(tables, -np.inf)
+    cheapest = allocate(tables, -np.inf)  # every prunable unit pruned
+    attempt = _search(loaded, (tables, allocate, cheapest), options, skip, config, (wanted, fixed))
     if attempt.total > wanted * (1 + TOLERANCE) and attempt.counts == cheapest:
         raise _unreachable(target, dense_cycles, attempt.total, config)
     floor = sum(f for _, f in references.values())
@@ -199,17 +199,16 @@ def prune_for_latency(
 
 def _search(
     loaded: LoadedModel,
-    allocation: tuple[list[_LayerTable], Callable[[list[_LayerTable], float], dict[str, int]]],
+    allocation: tuple[list[_LayerTable], Callable[[list[_LayerTable], float], dict[str, int]], dict[str, int]],
     options: PruneOptions,
     skip: dict[str, str],
     config: VTAConfig,
     goal: tuple[float, int],
 ) -> _Attempt:
     """Allocate on the estimate, prune, simulate exactly, correct the budget; the attempt nearest the
-    target. ``allocation``: the tables and how to allocate on them; ``goal``: the wanted cycles of the
-    model and those of its VTA convs that are not pruned."""
-    (tables, allocate), (wanted, fixed) = allocation, goal
-    cheapest = allocate(tables, -np.inf)
+    target. ``allocation``: the tables, how to allocate on them and the cheapest allocation; ``goal``: the
+    wanted cycles of the model and those of its VTA convs that are not pruned."""
+    (tables, allocate, cheapest), (wanted, fixed) = allocation, goal
     compiled: dict[tuple, int] = {}
 
     def attempt_at(budget: float) -> _Attempt:
