@@ -66,6 +66,7 @@ class SweepOptions:
     scope: str = "global"
     exclude: tuple[str, ...] = ()
     layer_floor: float = 0.05  # every layer keeps 5 % of its units: at 90 % global ranking emptied layers
+    allow_empty_layers: bool = False  # else every pruned layer keeps at least its best unit
     recalibration_images: int = DEFAULT_RECALIBRATION_IMAGES
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)  # epochs 0: no fine-tuning
     distil: bool = True  # the swept (dense) model is the fine-tuning teacher
@@ -88,7 +89,7 @@ class SweepOptions:
         """The recovery recipe in a few words (a column of the CSV: rows of other recipes are other points)."""
         tune = self.finetune
         parts = [
-            f"{self.scope} floor {self.layer_floor:g}",
+            f"{self.scope} floor {self.layer_floor:g}" + (", empty layers allowed" if self.allow_empty_layers else ""),
             f"lr {tune.lr:g}",
             "bn" if tune.restore_bn else "folded bn",
         ]
@@ -110,13 +111,24 @@ class SweepOptions:
         targets = [(s, None) for s in self.sparsities] + [(None, x) for x in self.speedups]
         return [(p, s, x, seed) for p in self.patterns for s, x in targets for seed in self.seeds]
 
+    def pruning(self, pattern: str, sparsity: float) -> PruneOptions:
+        """How one point prunes (sparsity 0 where a speedup target sets it)."""
+        return PruneOptions(
+            sparsity,
+            pattern,
+            self.scope,
+            exclude=self.exclude,
+            layer_floor=self.layer_floor,
+            allow_empty_layers=self.allow_empty_layers,
+        )
+
     def check(self) -> None:
         """Reject a bad grid or recipe up front, before any point runs."""
         if not self.sparsities and not self.speedups:
             raise UserError("give sparsity targets (--sparsities) or speedup targets (--speedups)")
         for pattern in self.patterns:
             for sparsity in self.sparsities or (0.0,):
-                PruneOptions(sparsity, pattern, self.scope, exclude=self.exclude, layer_floor=self.layer_floor).check()
+                self.pruning(pattern, sparsity).check()
         for speedup in self.speedups:
             LatencyTarget(speedup=speedup).check()
         if self.speedups and self.gradual:
@@ -262,9 +274,7 @@ def _error_text(exc: BaseException) -> str:
 
 def _recover(dense: Path, data_path: Path, folder: Path, row: SweepRow, options: SweepOptions) -> None:
     """The pipeline for one point: prune, recalibrate, fine-tune, evaluate on ORT and VTA; fills ``row``."""
-    prune_options = PruneOptions(
-        row.sparsity_target or 0.0, row.pattern, options.scope, exclude=options.exclude, layer_floor=options.layer_floor
-    )
+    prune_options = options.pruning(row.pattern, row.sparsity_target or 0.0)
     final = dense  # gradual: fine-tuning prunes the dense model itself (no one-shot columns)
     if not options.gradual:
         if row.speedup_target is not None:

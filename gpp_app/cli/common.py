@@ -173,6 +173,10 @@ def load_vta_config(path: Path | None, board: str | None):
 
 
 ModelArg = Annotated[Path, typer.Argument(help="ONNX model file.", show_default=False)]
+AllowEmptyOpt = Annotated[
+    bool,
+    typer.Option("--allow-empty-layers", help="Let pruning zero a whole layer (by default each keeps its best unit)."),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")]
 PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Write each layer's tile map as a PNG heat map.")]
 TileOpt = Annotated[

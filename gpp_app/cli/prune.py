@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from gpp_app.cli.common import (
+    AllowEmptyOpt,
     BoardOpt,
     JsonOpt,
     ModelArg,
@@ -65,10 +66,6 @@ ExcludeOpt = Annotated[
     typer.Option("--exclude", "-x", help="Regex on node or weight names to keep dense; repeatable."),
 ]
 IncludeFcOpt = Annotated[bool, typer.Option("--include-fc", help="Also prune Gemm/MatMul with constant weights.")]
-AllowEmptyOpt = Annotated[
-    bool,
-    typer.Option("--allow-empty-layers", help="Let pruning zero a whole layer (by default each keeps its best unit)."),
-]
 
 
 def print_report(report: Report, title: str) -> None:

@@ -12,6 +12,7 @@ from rich.progress import Progress, TextColumn
 from rich.table import Table
 
 from gpp_app.cli.common import (
+    AllowEmptyOpt,
     DataOpt,
     EvalLimitOpt,
     JsonOpt,
@@ -215,6 +216,7 @@ def sweep_command(
     kd_weight: KdWeightOpt = FinetuneOptions.kd_weight,
     scope: Annotated[str, typer.Option("--scope", help="layer or global.")] = SweepOptions.scope,
     layer_floor: LayerFloorOpt = SweepOptions.layer_floor,
+    allow_empty_layers: AllowEmptyOpt = SweepOptions.allow_empty_layers,
     gradual: Annotated[bool, typer.Option("--gradual/--one-shot", help="Prune gradually while fine-tuning.")] = (
         SweepOptions.gradual
     ),
@@ -248,6 +250,7 @@ def sweep_command(
             qat_epochs=qat_epochs,
         ),
         **dict(distil=distil, scope=scope, layer_floor=layer_floor, gradual=gradual, exclude=tuple(exclude or ())),
+        allow_empty_layers=allow_empty_layers,
         **dict(workers=workers, executor=executor, address=address),
         **dict(cpus_per_point=cpus_per_point, gpus_per_point=gpus_per_point),
         calibration=CalibrationOptions(images=calibration_images),

@@ -448,3 +448,21 @@ def test_sigterm_during_finetune_leaves_the_checkpoint_and_resume_finishes(torch
     assert done.returncode == 0, done.stderr
     tuned = onnx.load(out)
     gpp_onnx.validate_annotation(tuned, gpp_onnx.read_annotation(tuned))
+
+
+def test_sweep_empties_layers_only_when_allowed(capsys, dense_path, data_dir, tmp_path):
+    """Block pruning at 95 % must zero whole layers of the tiny CNN; the sweep does so only when told."""
+    achieved = {}
+    for allow in (False, True):
+        out = tmp_path / f"sweep-{allow}"
+        flags = ["--allow-empty-layers"] if allow else []
+        args = ["sweep", str(dense_path), "--data", str(data_dir), "-o", str(out), "--patterns", "block"]
+        code, _, _ = run_cli(
+            capsys, *args, "--sparsities", "0.95", "--layer-floor", "0", "--epochs", "0", "--eval-limit", "20", *flags
+        )
+        assert code == 0
+        with open(out / "results.csv", newline="") as f:
+            (row,) = list(csv.DictReader(f))
+        assert not row["error"] and ("empty layers allowed" in row["recipe"]) == allow
+        achieved[allow] = float(row["sparsity_achieved"])
+    assert achieved[False] < 0.95 <= achieved[True] + 0.01
