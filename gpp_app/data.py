@@ -205,11 +205,15 @@ def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...
     return ((images.astype(np.float32) / 255.0 - mean_arr) / std_arr).astype(np.float32)
 
 
+SHARED_DATA_DIR = Path("..") / "shared" / "data"  # the project's shared data, beside the working folder
+
+
 def default_data_dir() -> Path:
-    """``$GPP_DATA_DIR/cifar10-jpeg``: where commands look when ``--data`` is not given."""
-    if not os.environ.get("GPP_DATA_DIR"):
-        raise UserError("pass --data DIR (a CIFAR-10 folder) or set GPP_DATA_DIR")
-    return Path(os.environ["GPP_DATA_DIR"]) / "cifar10-jpeg"
+    """``$GPP_DATA_DIR/cifar10-jpeg`` (``../shared/data`` when unset): where commands look without ``--data``."""
+    root = Path(os.environ.get("GPP_DATA_DIR") or SHARED_DATA_DIR)
+    if not os.environ.get("GPP_DATA_DIR") and not root.is_dir():
+        raise UserError(f"pass --data DIR (a CIFAR-10 folder) or set GPP_DATA_DIR (no {root} here)")
+    return root / "cifar10-jpeg"
 
 
 def feeds(

@@ -183,7 +183,10 @@ TileOpt = Annotated[
     Optional[str], typer.Option("--tile", help=f"Tile shape OUTxIN (default {TileShape()}) or a VTA config JSON.")
 ]
 DataOpt = Annotated[
-    Optional[Path], typer.Option("--data", help="CIFAR-10 folder (default: $GPP_DATA_DIR/cifar10-jpeg).")
+    Optional[Path],
+    typer.Option(
+        "--data", help="CIFAR-10 folder (default: $GPP_DATA_DIR/cifar10-jpeg; GPP_DATA_DIR unset: ../shared/data)."
+    ),
 ]
 EvalLimitOpt = Annotated[Optional[int], typer.Option("--eval-limit", help="Test images to report on (default: all).")]
 VtaConfigOpt = Annotated[Optional[Path], typer.Option("--vta-config", help="VTA config JSON (vta_config.json).")]

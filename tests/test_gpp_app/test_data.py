@@ -102,3 +102,18 @@ def test_images_of_different_sizes_are_a_user_error(tmp_path):
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(odd)
     with pytest.raises(UserError, match="odd.png is 16x16 but .* is 32x32; all images must have one size"):
         collect(root, batch=100)
+
+
+def test_data_folder_defaults_to_the_shared_folder_beside_the_working_folder(tmp_path, monkeypatch):
+    from gpp_app.data import default_data_dir
+
+    monkeypatch.delenv("GPP_DATA_DIR", raising=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(UserError, match="pass --data DIR"):
+        default_data_dir()
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    assert default_data_dir().resolve() == tmp_path / "shared" / "data" / "cifar10-jpeg"
+    monkeypatch.setenv("GPP_DATA_DIR", str(tmp_path / "elsewhere"))
+    assert default_data_dir() == tmp_path / "elsewhere" / "cifar10-jpeg"
