@@ -198,11 +198,32 @@ def count(dataset: Dataset, split: str, limit: int | None = None) -> int:
     return min(total, limit) if limit is not None else total
 
 
-def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """uint8 NCHW -> float32 NCHW scaled to [0, 1], minus mean, over std (per channel)."""
+def channels_last(dims: list, image_shape: tuple[int, ...]) -> bool:
+    """Whether a model input of ``dims`` takes images of ``image_shape`` (C, H, W) as [N, H, W, C], as
+    TensorFlow / Keras exports do, rather than [N, C, H, W] (chosen where both fit)."""
+
+    def fits(axes: list) -> bool:
+        return all(not isinstance(d, int) or d in (0, size) for d, size in zip(axes, image_shape))
+
+    return len(dims) == 4 and not fits(dims[1:4]) and fits([dims[3], dims[1], dims[2]])
+
+
+def normalize(
+    images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...], channels_last: bool = False
+) -> np.ndarray:
+    """uint8 NCHW -> float32 scaled to [0, 1], minus mean, over std (per channel); NHWC if ``channels_last``."""
     mean_arr = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
     std_arr = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
-    return ((images.astype(np.float32) / 255.0 - mean_arr) / std_arr).astype(np.float32)
+    x = ((images.astype(np.float32) / 255.0 - mean_arr) / std_arr).astype(np.float32)
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if channels_last else x
+
+
+def model_feed(
+    input_name: str, dims: list, dtype: type, images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]
+) -> dict[str, np.ndarray]:
+    """uint8 NCHW images as the ONNX Runtime input of a model whose image input is ``dims``: normalised,
+    in the model's layout (NCHW or NHWC) and float type."""
+    return {input_name: normalize(images, mean, std, channels_last(dims, images.shape[1:])).astype(dtype)}
 
 
 SHARED_DATA_DIR = Path("..") / "shared" / "data"  # the project's shared data, beside the working folder
@@ -218,16 +239,17 @@ def default_data_dir() -> Path:
 
 def feeds(
     dataset: Dataset,
-    input_name: str,
+    model_input: tuple[str, list, type],
     mean: tuple[float, ...],
     std: tuple[float, ...],
     split: str,
     batch: int,
     limit: int | None = None,
 ) -> Iterator[Mapping[str, np.ndarray]]:
-    """Normalised batches of a split as ONNX Runtime input dictionaries (for calibration), streamed."""
+    """Batches of a split as ONNX Runtime inputs of a model whose image input is ``model_input`` (name,
+    dims, float type), streamed (for calibration): see :func:`model_feed`."""
     for images, _ in iter_uint8(dataset, split, batch, limit):
-        yield {input_name: normalize(images, mean, std)}
+        yield model_feed(*model_input, images, mean, std)
 
 
 def describe_feeds(dataset: Dataset, split: str, mean: tuple[float, ...], std: tuple[float, ...]) -> str:

@@ -257,12 +257,14 @@ def check_data_fits(dataset: data.Dataset, split: str, dims: list, name: str) ->
 
 
 def _check_fits(dims: list, images: np.ndarray, name: str) -> None:
-    for axis, size in zip((1, 2, 3), images.shape[1:]):
-        if isinstance(dims[axis], int) and dims[axis] not in (0, size):
-            raise UserError(
-                f"input '{name}' expects shape {dims} but the data are {list(images.shape[1:])} images; "
-                "pass a model made for these images (CIFAR-10: 3x32x32)"
-            )
+    """The model's input takes these images, channels first or (TensorFlow exports) last."""
+    image_shape = images.shape[1:]
+    channels_first = all(not isinstance(d, int) or d in (0, size) for d, size in zip(dims[1:], image_shape))
+    if not channels_first and not data.channels_last(dims, image_shape):
+        raise UserError(
+            f"input '{name}' expects shape {dims} but the data are {list(image_shape)} images (C, H, W; "
+            "[N, H, W, C] inputs are fed channels last); pass a model made for these images (CIFAR-10: 3x32x32)"
+        )
 
 
 def calibrate_on_data(
@@ -280,11 +282,8 @@ def calibrate_on_data(
     batch = fixed_batch(dims)
     if batch is not None and batch != options.batch:
         options = replace(options, batch=batch, images=max(batch, options.images // batch * batch))
-    dtype = image_dtype(model)
-    feeds = (
-        {name: x.astype(dtype) for name, x in feed.items()}
-        for feed in data.feeds(dataset, input_name, *normalization, "train", options.batch, options.images)
-    )
+    model_input = (input_name, dims, image_dtype(model))
+    feeds = data.feeds(dataset, model_input, *normalization, "train", options.batch, options.images)
     described = data.describe_feeds(dataset, "train", *normalization)
     return calibrate(model, track(feeds, "calibrating", -(-options.images // options.batch)), options, data=described)
 
@@ -334,7 +333,7 @@ def evaluate(
     batches = data.iter_uint8(dataset, options.split, options.batch, options.limit)
     for raw, labels in track(batches, f"{options.backend} on {options.split}", -(-total // options.batch)):
         _check_fits(dims, raw, input_name)
-        feeds = {input_name: data.normalize(raw, *normalization).astype(dtype)}
+        feeds = data.model_feed(input_name, dims, dtype, raw, *normalization)
         reference_logits = reference.run(feeds, labels)
         if vta is not None:
             comparison.add(vta.run(feeds, labels), reference_logits)

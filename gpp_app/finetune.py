@@ -30,7 +30,7 @@ from gpp_app.torch_model import Trainable, import_training, to_trainable
 from gpp_onnx.annotation import read_annotation, read_kept_tiles, validate_annotation, write_annotation
 from gpp_onnx.errors import UserError
 from gpp_onnx.files import atomic_path
-from gpp_onnx.model_io import first_line, image_input, load_model, save_model
+from gpp_onnx.model_io import first_line, image_dtype, image_input, load_model, save_model
 from gpp_onnx.normalization import normalization_for
 from gpp_onnx.pruner import PruneOptions, prune
 from gpp_onnx.weights import check_finite_weights
@@ -338,8 +338,12 @@ def train(
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
+    dims = image_input(model)[1]
+    last = data.channels_last(dims, images.shape[1:])  # a TensorFlow export takes [N, H, W, C]
+
     def normalize(x):
-        return x.float().div_(255).sub_(mean_t).div_(std_t)
+        x = x.float().div_(255).sub_(mean_t).div_(std_t)
+        return x.permute(0, 2, 3, 1).contiguous() if last else x
 
     teacher = _prepare(trainable, torch, images, labels, normalize, options, device)
     optimizer = torch.optim.SGD(
@@ -355,8 +359,8 @@ def train(
     )
     if options.qat_epochs:
         trainer.qat = VtaRounding(trainable)
-        name, _ = image_input(model)
-        feeds = list(data.feeds(dataset, name, mean, std, "train", CALIBRATION.batch, CALIBRATION.images))
+        model_input = (*image_input(model), image_dtype(model))
+        feeds = list(data.feeds(dataset, model_input, mean, std, "train", CALIBRATION.batch, CALIBRATION.images))
         trainer.rounding = lambda: trainer.qat.attach(model, feeds, data.describe_feeds(dataset, "train", mean, std))
     trainer.fingerprint = hashlib.sha256(model.SerializeToString()).hexdigest()
     if options.resume and checkpoint is not None and checkpoint.exists():

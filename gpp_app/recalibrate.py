@@ -87,7 +87,9 @@ def recalibrate(
     missing = [node.output[0] for node in convs if node.output[0] not in dense_outputs]
     if missing:
         raise UserError(f"the dense model has no tensor {missing[0]!r}; pass the model the pruned one was made from")
-    calibration = [data.normalize(x, mean, std) for x, _ in data.iter_uint8(dataset, "train", batch, images)]
+    _, dims = image_input(dense)
+    batches = data.iter_uint8(dataset, "train", batch, images)
+    calibration = [data.normalize(x, mean, std, data.channels_last(dims, x.shape[1:])) for x, _ in batches]
     if not calibration:
         raise UserError(f"no train images in {dataset.root} to recalibrate on; {data.LAYOUTS_HELP}")
     outputs = [node.output[0] for node in convs]

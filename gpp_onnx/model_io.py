@@ -180,7 +180,7 @@ def image_input(
     model: onnx.ModelProto, purpose: str = "gpp-onnx expects one image input [N, C, H, W]"
 ) -> tuple[str, list]:
     """The model's image input: its name and dims (int, or the symbolic name); one float32 or float16
-    NCHW input, else an error."""
+    4-D input (NCHW, or NHWC as TensorFlow exports take), else an error."""
     tensor_input = single_input(model, purpose)
     tensor = tensor_input.type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim]

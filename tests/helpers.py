@@ -121,6 +121,17 @@ def tiny_cnn(seed: int = 0) -> onnx.ModelProto:
     return model
 
 
+def channels_last(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as TensorFlow exports take images: [N, H, W, C], transposed to NCHW in the graph."""
+    graph = model.graph
+    name = graph.input[0].name
+    n, c, h, w = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    elem = graph.input[0].type.tensor_type.elem_type
+    graph.input[0].CopyFrom(helper.make_tensor_value_info(f"{name}_nhwc", elem, [n, h, w, c]))
+    graph.node.insert(0, helper.make_node("Transpose", [f"{name}_nhwc"], [name], name="to_nchw", perm=[0, 3, 1, 2]))
+    return model
+
+
 IMAGES = np.random.default_rng(0).integers(0, 256, (25, 3, 32, 32)).astype(np.uint8)
 
 

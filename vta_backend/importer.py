@@ -74,10 +74,17 @@ def unsupported_reason(
         return f"{len(layer.shape) - 2}-D conv; VTA runs 2-D convs"
     if in_shape is None or len(in_shape) != 4:
         return "input shape unknown after shape inference"
-    if _through_quantization(node.input[0], index) in graph_inputs and in_shape[1] < config.BLOCK_IN:
+    if _source_tensor(node.input[0], index) in graph_inputs and in_shape[1] < config.BLOCK_IN:
         return (
             f"first conv with {in_shape[1]} input channels: stays on the CPU, as TVM keeps it "
             f"(VTA would pad them to {config.BLOCK_IN})"
+        )
+    per_group = in_shape[1] // max(int(node_attribute(node, "group", 1)), 1)  # type: ignore[arg-type]
+    if per_group < in_shape[1] and per_group < config.BLOCK_IN:
+        return (
+            f"grouped conv with {per_group} input channel{'s' if per_group > 1 else ''} per group (depthwise when 1): "
+            f"stays on the CPU (VTA would pad each group to {config.BLOCK_IN} input channels and run one program "
+            "per group)"
         )
     if len(node.input) > 2 and node.input[2] and index.dequantized_constant(node.input[2]) is None:
         return "bias is not a constant (nor a DequantizeLinear of constants)"
@@ -87,15 +94,16 @@ def unsupported_reason(
 
 
 AUTO_PADS = ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")
-QUANTIZATION_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+# Ops between the graph input and the first conv that move or re-encode the image without computing on it
+PASS_THROUGH_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Transpose", "Cast", "Identity")
 
 
-def _through_quantization(tensor: str, index: GraphIndex) -> str:
-    """The tensor ``tensor`` is computed from through (Dynamic)QuantizeLinear / DequantizeLinear nodes
-    (a QDQ model's conv input is the graph input quantized and dequantized)."""
+def _source_tensor(tensor: str, index: GraphIndex) -> str:
+    """The tensor ``tensor`` is computed from through :data:`PASS_THROUGH_OPS` (a QDQ model's conv input
+    is the graph input quantized and dequantized; a TensorFlow export's, the input transposed to NCHW)."""
     while tensor in index.producer:
         producer = index.graph.node[index.producer[tensor]]
-        if producer.op_type not in QUANTIZATION_OPS or producer.domain not in ("", "ai.onnx"):
+        if producer.op_type not in PASS_THROUGH_OPS or producer.domain not in ("", "ai.onnx"):
             break
         tensor = producer.input[0]
     return tensor

@@ -242,12 +242,8 @@ def sweep_command(
         speedups=tuple(parse_list(speedups, "--speedups", float, "1.3,1.5,1.7")) if speedups else (),
         seeds=tuple(parse_list(seeds, "--seeds", int, "0,1")),
         finetune=FinetuneOptions(
-            epochs=epochs,
-            lr=lr,
-            restore_bn=restore_bn,
-            kd_temperature=kd_temperature,
-            kd_weight=kd_weight,
-            qat_epochs=qat_epochs,
+            **dict(epochs=epochs, lr=lr, restore_bn=restore_bn, qat_epochs=qat_epochs),
+            **dict(kd_temperature=kd_temperature, kd_weight=kd_weight),
         ),
         **dict(distil=distil, scope=scope, layer_floor=layer_floor, gradual=gradual, exclude=tuple(exclude or ())),
         allow_empty_layers=allow_empty_layers,
@@ -256,7 +252,6 @@ def sweep_command(
         calibration=CalibrationOptions(images=calibration_images),
         eval_limit=eval_limit,
     )
-
     result = sweep(model, data_dir or default_data_dir(), output, options, _report_point)
     return Output(result.to_dict(), lambda: _print_sweep(result, output))
 

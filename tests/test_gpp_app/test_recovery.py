@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import run_cli, tiny_cnn
+from helpers import channels_last, run_cli, tiny_cnn
 from onnx import numpy_helper
 
 import gpp_onnx
@@ -466,3 +466,22 @@ def test_sweep_empties_layers_only_when_allowed(capsys, dense_path, data_dir, tm
         assert not row["error"] and ("empty layers allowed" in row["recipe"]) == allow
         achieved[allow] = float(row["sparsity_achieved"])
     assert achieved[False] < 0.95 <= achieved[True] + 0.01
+
+
+def test_a_channels_last_model_is_recalibrated_and_finetuned_like_its_nchw_twin(torch, capsys, data_dir, tmp_path):
+    """A TensorFlow-style [N, H, W, C] model gets the images in its layout in recalibration and
+    fine-tuning (with the dense model as teacher): the same weights as the NCHW model's come out."""
+    tuned = {}
+    for layout, model in (("nchw", tiny_cnn()), ("nhwc", channels_last(tiny_cnn()))):
+        dense, pruned, out = (tmp_path / f"{layout}-{name}.onnx" for name in ("dense", "pruned", "tuned"))
+        onnx.save(model, dense)
+        recalibrate_options = ["--recalibrate", str(data_dir), "--recalibrate-images", "25"]
+        code, _, _ = run_cli(capsys, "prune", str(dense), "-o", str(pruned), "--exclude", "conv0", *recalibrate_options)
+        assert code == 0
+        tune = ["--epochs", "1", "--batch", "8", "--lr", "0.01", "--teacher", str(dense), "--no-restore-bn"]
+        code, _, stderr = run_cli(capsys, "finetune", str(pruned), "--data", str(data_dir), "-o", str(out), *tune)
+        assert code == 0, stderr
+        tuned[layout] = weights(out)
+    assert onnx.load(tmp_path / "nhwc-tuned.onnx").graph.input[0].type.tensor_type.shape.dim[3].dim_value == 3
+    for name in ("w1", "b1", "w2"):
+        np.testing.assert_allclose(tuned["nhwc"][name], tuned["nchw"][name], rtol=1e-4, atol=1e-5)

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import run_cli, tiny_cnn, write_binary, write_folders, write_pickle
+from helpers import channels_last, run_cli, tiny_cnn, write_binary, write_folders, write_pickle
 from onnx import TensorProto, helper, numpy_helper
 
 import gpp_onnx
@@ -221,11 +221,12 @@ def float16_model() -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("backend", ["ort", "vta"])
-@pytest.mark.parametrize("variant", ["fixed batch 1", "fixed batch 4", "float16"])
+@pytest.mark.parametrize("variant", ["fixed batch 1", "fixed batch 4", "float16", "channels last"])
 def test_models_with_a_fixed_batch_or_float16_run_on_both_backends(capsys, data_dir, tmp_path, backend, variant):
-    """Calibration and evaluation use the model's own batch size (the last batch padded) and input type;
-    the scores equal the dynamic float32 model's up to float16 rounding."""
-    model = {"fixed batch 1": fixed_batch_model(1), "fixed batch 4": fixed_batch_model(4)}.get(variant)
+    """Calibration and evaluation use the model's own batch size (the last batch padded), input type and
+    layout; the scores equal the dynamic float32 NCHW model's up to float16 rounding."""
+    variants = {"fixed batch 1": fixed_batch_model(1), "fixed batch 4": fixed_batch_model(4)}
+    model = {**variants, "channels last": channels_last(tiny_cnn())}.get(variant)
     path = tmp_path / "variant.onnx"
     onnx.save(model if model is not None else float16_model(), path)
     plain = tmp_path / "plain.onnx"

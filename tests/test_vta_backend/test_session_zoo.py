@@ -1,5 +1,5 @@
 """VtaSession on ONNX CNNs exported unlike ours: old opsets, float16, fixed batch, weights listed as
-graph inputs, every auto_pad, ConvTranspose, one input channel.
+graph inputs, every auto_pad, ConvTranspose, one input channel, NHWC input, a depthwise conv.
 
 Each small model, written here, is calibrated on random inputs, run through ``VtaSession`` and
 compared with plain ONNX Runtime on the same input: the largest error is at most 5 % of the
@@ -30,8 +30,11 @@ def zoo_model(
     auto_pad: str | None = None,
     transposed: bool = False,
     channels: int = 3,
+    channels_last: bool = False,
+    depthwise: bool = False,
 ) -> onnx.ModelProto:
-    """Conv(3x3) + Relu, Conv(3x3, stride 2) + Relu, [ConvTranspose], GlobalAveragePool, Flatten."""
+    """[Transpose from NHWC], Conv(3x3) + Relu, Conv(3x3, stride 2) + Relu, [depthwise Conv(3x3)],
+    [ConvTranspose], GlobalAveragePool, Flatten."""
     rng = np.random.default_rng(0)
     dtype, elem = (np.float16, TensorProto.FLOAT16) if float16 else (np.float32, TensorProto.FLOAT)
     arrays = {
@@ -47,6 +50,15 @@ def zoo_model(
         helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", strides=[2, 2], **padding),
         helper.make_node("Relu", ["c2"], ["features"]),
     ]
+    if channels_last:  # as TensorFlow exports: the graph takes NHWC and transposes it for its convs
+        nodes.insert(0, helper.make_node("Transpose", ["x_nhwc"], ["x"], name="to_nchw", perm=[0, 3, 1, 2]))
+    if depthwise:
+        arrays["wd"] = rng.standard_normal((32, 1, 3, 3)) * 0.3
+        nodes[-1].output[0] = "features_dw_in"
+        nodes += [
+            helper.make_node("Conv", ["features_dw_in", "wd"], ["dw"], name="dw", group=32, pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["dw"], ["features"]),
+        ]
     if transposed:
         arrays["wt"] = rng.standard_normal((32, 16, 2, 2)) * 0.1
         nodes.append(helper.make_node("ConvTranspose", ["features", "wt"], ["up"], name="up", strides=[2, 2]))
@@ -55,7 +67,8 @@ def zoo_model(
         helper.make_node("Flatten", ["pooled"], ["y"]),
     ]
     inits = [numpy_helper.from_array(a.astype(dtype), name) for name, a in arrays.items()]
-    inputs = [helper.make_tensor_value_info("x", elem, [batch, channels, 16, 16])]
+    shape = [batch, 16, 16, channels] if channels_last else [batch, channels, 16, 16]
+    inputs = [helper.make_tensor_value_info("x_nhwc" if channels_last else "x", elem, shape)]
     if weights_as_inputs:  # as exporters before IR version 4 wrote them
         inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
     graph = helper.make_graph(nodes, "zoo", inputs, [helper.make_tensor_value_info("y", elem, None)], inits)
@@ -76,6 +89,8 @@ CASES = {
     "auto_pad VALID": zoo_model(auto_pad="VALID"),
     "ConvTranspose": zoo_model(transposed=True),
     "one input channel": zoo_model(channels=1),
+    "channels last (TensorFlow export)": zoo_model(channels_last=True),
+    "depthwise conv": zoo_model(depthwise=True),
 }
 
 
@@ -84,6 +99,19 @@ def test_vta_session_runs_the_model_close_to_onnx_runtime(model, tmp_path):
     placement = run_close_to_onnx_runtime(model, tmp_path)
     convs = [n.name for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
     assert list(placement) == convs and placement["conv2"] == "vta"
+    assert placement["conv1"] == "cpu"  # 3 (or 1) input channels from the graph input, through its Transpose
+    assert placement.get("dw", "cpu") == "cpu"  # one input channel per group: VTA would pad each group to 16
+
+
+def test_placement_gives_the_reason_for_a_depthwise_conv_and_a_transposed_first_conv():
+    from vta_backend.model import compile_model
+
+    reasons = {
+        p.node: p.reason for p in compile_model(zoo_model(channels_last=True, depthwise=True), VTAConfig()).placement
+    }
+    assert reasons["conv1"].startswith("first conv with 3 input channels")
+    assert reasons["dw"].startswith("grouped conv with 1 input channel per group (depthwise")
+    assert reasons["conv2"] is None
 
 
 def run_close_to_onnx_runtime(model: onnx.ModelProto, tmp_path) -> dict[str, str]:
@@ -95,14 +123,15 @@ def run_close_to_onnx_runtime(model: onnx.ModelProto, tmp_path) -> dict[str, str
     dtype = np.float16 if declared.type == "tensor(float16)" else np.float32
     inputs = [np.random.default_rng(seed).standard_normal(shape).astype(dtype) for seed in range(5)]
     options = CalibrationOptions(method="minmax", images=4 * shape[0], batch=shape[0])
-    shifts, _ = calibrate(model, ({"x": x} for x in inputs[:4]), options, data="zoo", cache_dir=tmp_path)
+    name = declared.name
+    shifts, _ = calibrate(model, ({name: x} for x in inputs[:4]), options, data="zoo", cache_dir=tmp_path)
     session = VtaSession(model, shifts, VTAConfig())
     try:
-        ours = session.run(None, {"x": inputs[4]})[0]
+        ours = session.run(None, {name: inputs[4]})[0]
         placement = {p.node: p.device for p in session.report().placement}
     finally:
         session.close()
-    expected = reference.run(None, {"x": inputs[4]})[0]
+    expected = reference.run(None, {name: inputs[4]})[0]
     assert ours.dtype == expected.dtype and ours.shape == expected.shape
     error = np.abs(ours.astype(np.float32) - expected.astype(np.float32)).max()
     assert error <= RELATIVE_ERROR * np.abs(expected.astype(np.float32)).max()
