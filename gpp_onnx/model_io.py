@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import os
 import tempfile
 from dataclasses import dataclass
@@ -90,14 +91,46 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
                 f"{path}: its external data could not be read ({first_line(exc)}); "
                 "keep the .data file beside the model under the name the model records"
             ) from None
+    sort_nodes(model.graph)
     try:
-        onnx.checker.check_model(path if had_external or _too_big(model) else model)
+        onnx.checker.check_model(model if not (had_external or _too_big(model)) else path)
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise UserError(
             f"{path} is not a valid ONNX model ({first_line(exc)}); "
             "re-export it, or fix the model so that onnx.checker accepts it"
         ) from None
     return LoadedModel(model, path, had_external)
+
+
+def sort_nodes(graph: onnx.GraphProto) -> None:
+    """Put the graph's nodes in topological order, in place, where an exporter did not (ONNX Runtime
+    accepts such graphs, onnx.checker does not); the order of independent nodes is kept, and a graph
+    already in order (or with a cycle, left to the checker) is not touched."""
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    users: dict[int, list[int]] = {}
+    waiting = []
+    for i, node in enumerate(graph.node):
+        needs = {producer[name] for name in node.input if name in producer} - {i}
+        waiting.append(len(needs))
+        for j in needs:
+            users.setdefault(j, []).append(i)
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for user in users.get(i, ()):
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, user)
+    if len(order) == len(graph.node) and order != sorted(order):
+        nodes = [graph.node[i] for i in order]
+        copies = [onnx.NodeProto() for _ in nodes]
+        for copy, node in zip(copies, nodes):
+            copy.CopyFrom(node)
+        del graph.node[:]
+        graph.node.extend(copies)
 
 
 def _too_big(model: onnx.ModelProto) -> bool:

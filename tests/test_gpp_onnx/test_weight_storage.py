@@ -247,3 +247,23 @@ def test_modelproto_argument_is_not_modified(rng):
     before = model.SerializeToString()
     gpp_onnx.prune(model, 0.8)
     assert model.SerializeToString() == before
+
+
+def test_a_graph_out_of_topological_order_is_loaded_in_order_and_its_file_left_alone(tmp_path):
+    """keras2onnx wrote nodes in any order: ONNX Runtime runs such files, onnx.checker refuses them."""
+    from helpers import tiny_cnn
+
+    model = tiny_cnn()
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(nodes))
+    source = tmp_path / "unsorted.onnx"
+    onnx.save(model, source)
+    before = source.read_bytes()
+    loaded = gpp_onnx.load_model(source)
+    assert [n.name for n in loaded.model.graph.node] == [n.name for n in nodes]
+    pruned, _ = gpp_onnx.prune(source, 0.5)
+    onnx.checker.check_model(pruned)
+    assert source.read_bytes() == before
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(loaded.model, {"input": x})[0], run_ort(model, {"input": x})[0], rtol=1e-6)
