@@ -45,7 +45,7 @@ from gpp_app.recalibrate import recalibrate_from_data
 from gpp_app.torch_model import export_image_classifier, import_training
 from gpp_onnx.errors import UserError
 from gpp_onnx.files import interruption_handler, temporary_folder
-from gpp_onnx.model_io import check_output_path, image_dtype, image_input
+from gpp_onnx.model_io import check_output_path
 from gpp_onnx.normalization import normalization_for
 from vta_backend.calibration import CalibrationOptions
 from vta_backend.config import VTAConfig
@@ -69,7 +69,7 @@ class TrainImages(CalibrationDataReader):
     """ONNX Runtime's calibration reader over normalised train images (never the test split)."""
 
     def __init__(self, model: onnx.ModelProto, data_path: Path) -> None:
-        model_input = (*image_input(model), image_dtype(model))
+        model_input = data.model_input(model)
         feeds = data.feeds(data.locate(data_path), model_input, *normalization_for(model), "train", 100, TRAIN_IMAGES)
         self._feeds: Iterator = iter(feeds)
 

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from gpp_onnx.errors import UserError
+from gpp_onnx.model_io import image_dtype, image_input
 from gpp_onnx.normalization import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (re-exported for callers)
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -198,24 +200,35 @@ def count(dataset: Dataset, split: str, limit: int | None = None) -> int:
     return min(total, limit) if limit is not None else total
 
 
-def channels_last(dims: list, image_shape: tuple[int, ...]) -> bool:
-    """Whether a model input of ``dims`` takes images of ``image_shape`` (C, H, W) as [N, H, W, C], as
-    TensorFlow / Keras exports do, rather than [N, C, H, W] (chosen where both fit)."""
+def input_layout(dims: list, image_shape: tuple[int, ...]) -> str | None:
+    """How a model input of ``dims`` takes images of ``image_shape`` (C, H, W): "NCHW", or "NHWC" as
+    TensorFlow / Keras exports do; NCHW where both fit (an input with C, H and W all symbolic is taken
+    as NCHW); None where neither does."""
 
     def fits(axes: list) -> bool:
         return all(not isinstance(d, int) or d in (0, size) for d, size in zip(axes, image_shape))
 
-    return len(dims) == 4 and not fits(dims[1:4]) and fits([dims[3], dims[1], dims[2]])
+    if len(dims) == 4 and fits(dims[1:4]):
+        return "NCHW"
+    return "NHWC" if len(dims) == 4 and fits([dims[3], dims[1], dims[2]]) else None
 
 
-def normalize(
-    images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...], channels_last: bool = False
-) -> np.ndarray:
-    """uint8 NCHW -> float32 scaled to [0, 1], minus mean, over std (per channel); NHWC if ``channels_last``."""
+def channels_last(dims: list, image_shape: tuple[int, ...]) -> bool:
+    """Whether the model input ``dims`` takes these images as [N, H, W, C] (see :func:`input_layout`)."""
+    return input_layout(dims, image_shape) == "NHWC"
+
+
+def normalize(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...], nhwc: bool = False) -> np.ndarray:
+    """uint8 NCHW -> float32 scaled to [0, 1], minus mean, over std (per channel); NHWC if ``nhwc``."""
     mean_arr = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
     std_arr = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
     x = ((images.astype(np.float32) / 255.0 - mean_arr) / std_arr).astype(np.float32)
-    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if channels_last else x
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if nhwc else x
+
+
+def model_input(model: onnx.ModelProto) -> tuple[str, list, type]:
+    """The model's image input as :func:`model_feed` and :func:`feeds` take it: name, dims, numpy type."""
+    return (*image_input(model), image_dtype(model))
 
 
 def model_feed(
@@ -234,7 +247,7 @@ def default_data_dir() -> Path:
     root = Path(os.environ.get("GPP_DATA_DIR") or SHARED_DATA_DIR)
     if not os.environ.get("GPP_DATA_DIR") and not root.is_dir():
         raise UserError(f"pass --data DIR (a CIFAR-10 folder) or set GPP_DATA_DIR (no {root} here)")
-    return root / "cifar10-jpeg"
+    return root.resolve() / "cifar10-jpeg"
 
 
 def feeds(

@@ -242,7 +242,7 @@ def check_output(model: onnx.ModelProto) -> None:
 def check_fits(model: onnx.ModelProto, dataset: data.Dataset, splits: tuple[str, ...]) -> None:
     """Before any work: the model takes one image input of the data's size and channels, in every split
     named, and declares class scores as its output (UserError otherwise)."""
-    name, dims = model_image_input(model, "gpp-onnx expects one image input [N, C, H, W]")
+    name, dims = model_image_input(model, "gpp-onnx expects one image input [N, C, H, W] or [N, H, W, C]")
     check_output(model)
     for split in splits:
         check_data_fits(dataset, split, dims, name)
@@ -259,8 +259,7 @@ def check_data_fits(dataset: data.Dataset, split: str, dims: list, name: str) ->
 def _check_fits(dims: list, images: np.ndarray, name: str) -> None:
     """The model's input takes these images, channels first or (TensorFlow exports) last."""
     image_shape = images.shape[1:]
-    channels_first = all(not isinstance(d, int) or d in (0, size) for d, size in zip(dims[1:], image_shape))
-    if not channels_first and not data.channels_last(dims, image_shape):
+    if data.input_layout(dims, image_shape) is None:
         raise UserError(
             f"input '{name}' expects shape {dims} but the data are {list(image_shape)} images (C, H, W; "
             "[N, H, W, C] inputs are fed channels last); pass a model made for these images (CIFAR-10: 3x32x32)"
@@ -313,7 +312,9 @@ def evaluate(
     loaded = load_model(model_path)
     label = "the model" if isinstance(model_path, onnx.ModelProto) else str(model_path)
     check_finite_weights(loaded.model)
-    input_name, dims = model_image_input(loaded.model, "gpp-onnx run expects one image input [N, 3, H, W]")
+    input_name, dims = model_image_input(
+        loaded.model, "gpp-onnx run expects one image input [N, C, H, W] or [N, H, W, C]"
+    )
     kept = read_kept_tiles(loaded.model)  # validated once, before anything expensive
     dataset = data.locate(data_path)
     normalization = normalization_for(loaded.model, options.mean, options.std)
@@ -354,7 +355,7 @@ def _baseline_tally(path: Path | None, dims: list) -> _Tally | None:
         return None
     model = load_model(path).model
     check_finite_weights(model)
-    _, baseline_dims = model_image_input(model, "--baseline expects one image input [N, 3, H, W]")
+    _, baseline_dims = model_image_input(model, "--baseline expects one image input [N, C, H, W] or [N, H, W, C]")
     for axis in (1, 2, 3):
         if (
             all(isinstance(d[axis], int) and d[axis] > 0 for d in (dims, baseline_dims))

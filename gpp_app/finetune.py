@@ -30,7 +30,7 @@ from gpp_app.torch_model import Trainable, import_training, to_trainable
 from gpp_onnx.annotation import read_annotation, read_kept_tiles, validate_annotation, write_annotation
 from gpp_onnx.errors import UserError
 from gpp_onnx.files import atomic_path
-from gpp_onnx.model_io import first_line, image_dtype, image_input, load_model, save_model
+from gpp_onnx.model_io import first_line, image_input, load_model, save_model
 from gpp_onnx.normalization import normalization_for
 from gpp_onnx.pruner import PruneOptions, prune
 from gpp_onnx.weights import check_finite_weights
@@ -359,7 +359,7 @@ def train(
     )
     if options.qat_epochs:
         trainer.qat = VtaRounding(trainable)
-        model_input = (*image_input(model), image_dtype(model))
+        model_input = data.model_input(model)
         feeds = list(data.feeds(dataset, model_input, mean, std, "train", CALIBRATION.batch, CALIBRATION.images))
         trainer.rounding = lambda: trainer.qat.attach(model, feeds, data.describe_feeds(dataset, "train", mean, std))
     trainer.fingerprint = hashlib.sha256(model.SerializeToString()).hexdigest()
@@ -411,7 +411,7 @@ def check_trainable(model: onnx.ModelProto, dataset: data.Dataset, options: Fine
     if options.teacher is not None:
         teacher = load_model(options.teacher).model
         check_finite_weights(teacher)
-        theirs = image_input(teacher, "--teacher must take one image input [N, C, H, W]")[1]
+        theirs = image_input(teacher, "--teacher must take one image input [N, C, H, W] or [N, H, W, C]")[1]
         ours = image_input(model)[1]
         if theirs[1:] != ours[1:]:  # the batch axis may be named differently
             raise UserError(

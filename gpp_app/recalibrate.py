@@ -21,7 +21,7 @@ from gpp_app import data
 from gpp_app.evaluate import check_data_fits
 from gpp_onnx.annotation import read_annotation, validate_annotation
 from gpp_onnx.errors import UserError
-from gpp_onnx.model_io import image_input
+from gpp_onnx.model_io import image_dtype, image_input
 from gpp_onnx.normalization import normalization_for
 from gpp_onnx.progress import Track, no_progress
 from gpp_onnx.weights import GraphIndex
@@ -87,9 +87,8 @@ def recalibrate(
     missing = [node.output[0] for node in convs if node.output[0] not in dense_outputs]
     if missing:
         raise UserError(f"the dense model has no tensor {missing[0]!r}; pass the model the pruned one was made from")
-    _, dims = image_input(dense)
-    batches = data.iter_uint8(dataset, "train", batch, images)
-    calibration = [data.normalize(x, mean, std, data.channels_last(dims, x.shape[1:])) for x, _ in batches]
+    model_input = (input_name, image_input(dense)[1], image_dtype(dense))
+    calibration = [feed[input_name] for feed in data.feeds(dataset, model_input, mean, std, "train", batch, images)]
     if not calibration:
         raise UserError(f"no train images in {dataset.root} to recalibrate on; {data.LAYOUTS_HELP}")
     outputs = [node.output[0] for node in convs]

@@ -91,9 +91,9 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
                 f"{path}: its external data could not be read ({first_line(exc)}); "
                 "keep the .data file beside the model under the name the model records"
             ) from None
-    sort_nodes(model.graph)
+    reordered = sort_nodes(model.graph)  # then the file on disk is not what is checked
     try:
-        onnx.checker.check_model(model if not (had_external or _too_big(model)) else path)
+        onnx.checker.check_model(path if (had_external or _too_big(model)) and not reordered else model)
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise UserError(
             f"{path} is not a valid ONNX model ({first_line(exc)}); "
@@ -102,15 +102,19 @@ def load_model(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
     return LoadedModel(model, path, had_external)
 
 
-def sort_nodes(graph: onnx.GraphProto) -> None:
+def sort_nodes(graph: onnx.GraphProto) -> bool:
     """Put the graph's nodes in topological order, in place, where an exporter did not (ONNX Runtime
-    accepts such graphs, onnx.checker does not); the order of independent nodes is kept, and a graph
-    already in order (or with a cycle, left to the checker) is not touched."""
+    accepts such graphs, onnx.checker does not); returns whether it reordered them. A node depends on the
+    producers of its inputs and of the outer tensors its subgraphs read; independent nodes keep their
+    order. A graph already in order, with a cycle or with a tensor produced twice is left to the checker."""
+    outputs = [out for node in graph.node for out in node.output if out]
+    if len(set(outputs)) != len(outputs):
+        return False
     producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
     users: dict[int, list[int]] = {}
     waiting = []
     for i, node in enumerate(graph.node):
-        needs = {producer[name] for name in node.input if name in producer} - {i}
+        needs = {producer[name] for name in (*node.input, *_subgraph_reads(node)) if name in producer} - {i}
         waiting.append(len(needs))
         for j in needs:
             users.setdefault(j, []).append(i)
@@ -124,13 +128,25 @@ def sort_nodes(graph: onnx.GraphProto) -> None:
             waiting[user] -= 1
             if waiting[user] == 0:
                 heapq.heappush(ready, user)
-    if len(order) == len(graph.node) and order != sorted(order):
-        nodes = [graph.node[i] for i in order]
-        copies = [onnx.NodeProto() for _ in nodes]
-        for copy, node in zip(copies, nodes):
-            copy.CopyFrom(node)
-        del graph.node[:]
-        graph.node.extend(copies)
+    if len(order) < len(graph.node) or order == sorted(order):
+        return False
+    nodes = [onnx.NodeProto() for _ in order]
+    for copy, i in zip(nodes, order):
+        copy.CopyFrom(graph.node[i])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return True
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name the node's subgraphs (If / Loop / Scan bodies, nested) read."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for body in (*attr.graphs, *([attr.g] if attr.HasField("g") else [])):
+            for inner in body.node:
+                names.update(name for name in inner.input if name)
+                names |= _subgraph_reads(inner)
+    return names
 
 
 def _too_big(model: onnx.ModelProto) -> bool:

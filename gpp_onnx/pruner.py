@@ -71,6 +71,11 @@ class PruneOptions:
             raise UserError(f"layer floor {self.layer_floor!r} is outside [0, 1]; give a fraction such as 0.05")
         if self.scope not in SCOPES:
             raise UserError(f"unknown scope {self.scope!r}; use one of {', '.join(SCOPES)}")
+        if self.allow_empty_layers and self.layer_floor > 0:
+            raise UserError(
+                f"--allow-empty-layers with a layer floor of {self.layer_floor:g} empties nothing (the floor keeps "
+                "at least one unit of every layer); pass --layer-floor 0 with it"
+            )
         compiled = []
         for text in self.exclude:
             try:

@@ -29,7 +29,6 @@ from gpp_app.recalibrate import recalibrate_from_data
 from gpp_onnx import load_model, prune, save_model
 from gpp_onnx.annotation import read_kept_tiles
 from gpp_onnx.files import write_text
-from gpp_onnx.model_io import image_input
 from gpp_onnx.normalization import normalization_for
 from gpp_onnx.pruner import PruneOptions
 
@@ -65,14 +64,14 @@ def heldout_accuracy(model_path: Path, dataset: data.Dataset, start: int) -> tup
     """Top-1 on train images ``start`` and later: ONNX Runtime fp32, and the VTA backend (int8,
     calibrated on the first train images as ``gpp-onnx run`` does)."""
     model = load_model(model_path).model
-    name, _ = image_input(model)
+    model_input = data.model_input(model)
     images, labels = split_in_memory(str(dataset.root), dataset.layout, "train", None)
     mean, std = normalization_for(model)
     fp32 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     vta, _ = vta_session(model, read_kept_tiles(model), dataset, (mean, std), RunOptions())
     correct = np.zeros(2, int)
     for i in range(start, len(labels), 500):
-        feeds = {name: data.normalize(images[i : i + 500], mean, std)}
+        feeds = data.model_feed(*model_input, images[i : i + 500], mean, std)
         for k, session in enumerate((fp32, vta)):
             correct[k] += int((session.run(None, feeds)[0].argmax(1) == labels[i : i + 500]).sum())
     vta.close()

@@ -18,9 +18,11 @@ import io
 import sys
 from pathlib import Path
 
+from gpp_app.data import default_data_dir
 from gpp_app.evaluate import RunOptions, evaluate
 from gpp_onnx import UserError, prune
 from gpp_onnx.files import write_text
+from gpp_onnx.model_io import first_line
 from vta_backend import VTAConfig
 from vta_backend.calibration import CalibrationOptions
 from vta_backend.model import compile_model
@@ -46,7 +48,7 @@ def _triple(text: str) -> tuple[float, ...] | None:
 
 
 def check(row: dict, args: argparse.Namespace) -> dict:
-    """One model's figures (or its error)."""
+    """One model's figures, as far as it got, and the first line of the error that stopped it."""
     result: dict[str, object] = {"name": row["name"]}
     try:
         calibration = CalibrationOptions(images=args.calibration_images)
@@ -54,22 +56,21 @@ def check(row: dict, args: argparse.Namespace) -> dict:
             limit=args.limit, mean=_triple(row["mean"]), std=_triple(row["std"]), calibration=calibration
         )
         run = evaluate(Path(row["path"]), args.data, options)
-        assert run.reference is not None and run.vta is not None
-        cpu = [p for p in run.vta.placement if p.device == "cpu"]
-        pruned, _ = prune(Path(row["path"]), 0.5, pattern="group")
+        cpu = [p for p in run.vta.placement if p.device == "cpu"] if run.vta else []
         result.update(
             images=run.images,
-            accuracy_ort=round(run.reference.accuracy, 4),
+            accuracy_ort=round(run.reference.accuracy, 4) if run.reference else None,
             accuracy_vta=round(run.accuracy, 4),
             agreement=round(run.agreement or 0.0, 4),
-            convs_on_vta=len(run.vta.placement) - len(cpu),
+            convs_on_vta=len(run.vta.placement) - len(cpu) if run.vta else 0,
             convs_on_cpu=len(cpu),
             cpu_reasons="; ".join(sorted({p.reason.split(":")[0] for p in cpu if p.reason})),
-            vta_cycles=run.vta.cycles,
-            group50_speedup=round(compile_model(pruned, VTAConfig()).report().speedup, 3),
+            vta_cycles=run.vta.cycles if run.vta else None,
         )
-    except UserError as exc:
-        result["error"] = str(exc).splitlines()[0]
+        pruned, _ = prune(Path(row["path"]), 0.5, pattern="group")
+        result["group50_speedup"] = round(compile_model(pruned, VTAConfig()).report().speedup, 3)
+    except Exception as exc:  # a third-party model may break anything: record it, go on with the next
+        result["error"] = f"{'' if isinstance(exc, UserError) else type(exc).__name__ + ': '}{first_line(exc)}"
     return result
 
 
@@ -81,10 +82,10 @@ def main() -> None:
     parser.add_argument("--calibration-images", type=int, default=CalibrationOptions.images)
     parser.add_argument("-o", "--output", type=Path, default=None, help="CSV of the results")
     args = parser.parse_args()
-    if args.data is None:
-        from gpp_app.data import default_data_dir
-
-        args.data = default_data_dir()
+    try:
+        args.data = args.data or default_data_dir()
+    except UserError as exc:
+        sys.exit(f"error: {exc}")
     with open(args.manifest, newline="") as f:
         rows = list(csv.DictReader(f))
     results = []

@@ -79,8 +79,8 @@ def unsupported_reason(
             f"first conv with {in_shape[1]} input channels: stays on the CPU, as TVM keeps it "
             f"(VTA would pad them to {config.BLOCK_IN})"
         )
-    per_group = in_shape[1] // max(int(node_attribute(node, "group", 1)), 1)  # type: ignore[arg-type]
-    if per_group < in_shape[1] and per_group < config.BLOCK_IN:
+    per_group = layer.shape[1]  # a conv weight's dim 1: input channels per group
+    if int(node_attribute(node, "group", 1)) > 1 and per_group < config.BLOCK_IN:  # type: ignore[arg-type]
         return (
             f"grouped conv with {per_group} input channel{'s' if per_group > 1 else ''} per group (depthwise when 1): "
             f"stays on the CPU (VTA would pad each group to {config.BLOCK_IN} input channels and run one program "
@@ -96,16 +96,25 @@ def unsupported_reason(
 AUTO_PADS = ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER")
 # Ops between the graph input and the first conv that move or re-encode the image without computing on it
 PASS_THROUGH_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Transpose", "Cast", "Identity")
+# Elementwise ops that, with a constant operand, normalise the image inside the graph (Keras exports)
+NORMALIZING_OPS = ("Add", "Sub", "Mul", "Div")
 
 
 def _source_tensor(tensor: str, index: GraphIndex) -> str:
-    """The tensor ``tensor`` is computed from through :data:`PASS_THROUGH_OPS` (a QDQ model's conv input
-    is the graph input quantized and dequantized; a TensorFlow export's, the input transposed to NCHW)."""
+    """The tensor ``tensor`` is computed from through :data:`PASS_THROUGH_OPS` and in-graph normalisation
+    (:data:`NORMALIZING_OPS` with a constant operand): a QDQ model's conv input is the graph input quantized
+    and dequantized; a TensorFlow export's, the input transposed to NCHW and perhaps scaled."""
     while tensor in index.producer:
         producer = index.graph.node[index.producer[tensor]]
-        if producer.op_type not in PASS_THROUGH_OPS or producer.domain not in ("", "ai.onnx"):
+        if producer.domain not in ("", "ai.onnx"):
             break
-        tensor = producer.input[0]
+        if producer.op_type in PASS_THROUGH_OPS:
+            tensor = producer.input[0]
+            continue
+        variable = [name for name in producer.input if index.constant_array(name) is None]
+        if producer.op_type not in NORMALIZING_OPS or len(variable) != 1:
+            break
+        tensor = variable[0]
     return tensor
 
 

@@ -466,6 +466,8 @@ def test_sweep_empties_layers_only_when_allowed(capsys, dense_path, data_dir, tm
         assert not row["error"] and ("empty layers allowed" in row["recipe"]) == allow
         achieved[allow] = float(row["sparsity_achieved"])
     assert achieved[False] < 0.95 <= achieved[True] + 0.01
+    code, _, stderr = run_cli(capsys, "sweep", str(dense_path), "--data", str(data_dir), "--allow-empty-layers")
+    assert code == 2 and "pass --layer-floor 0 with it" in stderr  # the default floor would keep a unit anyway
 
 
 def test_a_channels_last_model_is_recalibrated_and_finetuned_like_its_nchw_twin(torch, capsys, data_dir, tmp_path):

@@ -50,8 +50,13 @@ def zoo_model(
         helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", strides=[2, 2], **padding),
         helper.make_node("Relu", ["c2"], ["features"]),
     ]
-    if channels_last:  # as TensorFlow exports: the graph takes NHWC and transposes it for its convs
-        nodes.insert(0, helper.make_node("Transpose", ["x_nhwc"], ["x"], name="to_nchw", perm=[0, 3, 1, 2]))
+    if channels_last:  # as TensorFlow exports: the graph takes NHWC, transposes and normalises it for its convs
+        arrays["mean"], arrays["std"] = np.full((1, channels, 1, 1), 0.5), np.full((1, channels, 1, 1), 0.25)
+        nodes[:0] = [
+            helper.make_node("Transpose", ["x_nhwc"], ["x_t"], name="to_nchw", perm=[0, 3, 1, 2]),
+            helper.make_node("Sub", ["x_t", "mean"], ["x_c"], name="centre"),
+            helper.make_node("Div", ["x_c", "std"], ["x"], name="scale"),
+        ]
     if depthwise:
         arrays["wd"] = rng.standard_normal((32, 1, 3, 3)) * 0.3
         nodes[-1].output[0] = "features_dw_in"
