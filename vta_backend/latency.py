@@ -396,7 +396,7 @@ def _unreachable(target: LatencyTarget, dense_cycles: int, cycles: int, config: 
     return UserError(
         f"target {asked} is beyond reach on {config.BOARD}: pruning every prunable unit (each layer keeping its "
         f"floor and its best unit) gives {cycles:,} simulated cycles, {dense_cycles / cycles:.2f}x the dense "
-        f"{dense_cycles:,}; ask for at most that, or lower --layer-floor / pass --allow-empty-layers"
+        f"{dense_cycles:,}; ask for at most that, or lower --layer-floor (0 with --allow-empty-layers empties layers)"
     )
 
 
