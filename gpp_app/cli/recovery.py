@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -108,6 +109,7 @@ def finetune(
     pattern: PatternOpt = DEFAULT_PATTERN,
     scope: Annotated[str, typer.Option("--scope", help="With --gradual: layer or global.")] = DEFAULT_SCOPE,
     layer_floor: LayerFloorOpt = PruneOptions.layer_floor,
+    allow_empty_layers: AllowEmptyOpt = False,
     exclude: ExcludeOpt = None,
     gradual_until: GradualUntilOpt = FinetuneOptions.gradual_until,
     qat_epochs: QatEpochsOpt = FinetuneOptions.qat_epochs,
@@ -121,6 +123,7 @@ def finetune(
     output = output or model.with_name(model.stem + "-ft.onnx")
     check_output_path(output, [model] + ([teacher] if teacher else []))
     pruning = PruneOptions(gradual or 0.0, pattern, scope, exclude=tuple(exclude or ()), layer_floor=layer_floor)
+    pruning = replace(pruning, allow_empty_layers=allow_empty_layers)
     options = FinetuneOptions(
         **dict(epochs=epochs, lr=lr, batch=batch, schedule=schedule, device=device, seed=seed, resume=resume),
         **dict(limit=limit, restore_bn=restore_bn, teacher=None if teacher is None else str(teacher)),
