@@ -185,7 +185,8 @@ TileOpt = Annotated[
 DataOpt = Annotated[
     Optional[Path],
     typer.Option(
-        "--data", help="CIFAR-10 folder (default: $GPP_DATA_DIR/cifar10-jpeg; GPP_DATA_DIR unset: ../shared/data)."
+        "--data",
+        help="CIFAR-10 folder (default: $GPP_DATA_DIR/cifar10-jpeg; GPP_DATA_DIR unset: ../shared/data/cifar10-jpeg).",
     ),
 ]
 EvalLimitOpt = Annotated[Optional[int], typer.Option("--eval-limit", help="Test images to report on (default: all).")]

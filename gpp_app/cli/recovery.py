@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -122,8 +121,8 @@ def finetune(
     check_input_path(model)
     output = output or model.with_name(model.stem + "-ft.onnx")
     check_output_path(output, [model] + ([teacher] if teacher else []))
-    pruning = PruneOptions(gradual or 0.0, pattern, scope, exclude=tuple(exclude or ()), layer_floor=layer_floor)
-    pruning = replace(pruning, allow_empty_layers=allow_empty_layers)
+    floor = dict(layer_floor=layer_floor, allow_empty_layers=allow_empty_layers)
+    pruning = PruneOptions(gradual or 0.0, pattern, scope, exclude=tuple(exclude or ()), **floor)  # type: ignore[arg-type]
     options = FinetuneOptions(
         **dict(epochs=epochs, lr=lr, batch=batch, schedule=schedule, device=device, seed=seed, resume=resume),
         **dict(limit=limit, restore_bn=restore_bn, teacher=None if teacher is None else str(teacher)),
