@@ -21,6 +21,7 @@ app = typer.Typer(
 )
 app.command()(prune.prune)
 app.command()(prune.inspect)
+app.command()(prune.normalization)
 app.command("compile")(vta.compile_command)
 app.command()(vta.run)
 app.command("run-program")(vta.run_program)

@@ -177,6 +177,10 @@ AllowEmptyOpt = Annotated[
     bool,
     typer.Option("--allow-empty-layers", help="Let pruning zero a whole layer (by default each keeps its best unit)."),
 ]
+MeanOpt = Annotated[
+    Optional[str], typer.Option("--mean", help="Per-channel mean of pixels in [0, 1] (default: model metadata).")
+]
+StdOpt = Annotated[Optional[str], typer.Option("--std", help="Per-channel std (default: model metadata).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")]
 PlotOpt = Annotated[Optional[Path], typer.Option("--plot", help="Write each layer's tile map as a PNG heat map.")]
 TileOpt = Annotated[

@@ -12,21 +12,25 @@ from gpp_app.cli.common import (
     AllowEmptyOpt,
     BoardOpt,
     JsonOpt,
+    MeanOpt,
     ModelArg,
     Output,
     PlotOpt,
+    StdOpt,
     TileOpt,
     VtaConfigOpt,
     check_plot_path,
     command,
     load_vta_config,
+    parse_floats,
     parse_tile,
     progress,
     stdout,
 )
 from gpp_app.recalibrate import DEFAULT_RECALIBRATION_IMAGES
 from gpp_onnx.errors import UserError
-from gpp_onnx.model_io import check_input_path, check_output_path
+from gpp_onnx.model_io import check_input_path, check_output_path, load_model, save_model
+from gpp_onnx.normalization import normalization_for, normalization_source, write_normalization
 from gpp_onnx.patterns import pattern_names
 from gpp_onnx.pruner import DEFAULT_PATTERN, DEFAULT_SCOPE, DEFAULT_SPARSITY, PruneOptions
 from gpp_onnx.pruner import inspect as inspect_model
@@ -234,6 +238,38 @@ def inspect(model: ModelArg, as_json: JsonOpt = False, plot: PlotOpt = None, til
     """Show MODEL's prunable layers: tiles kept, sparsity, pattern, and why layers were skipped."""
     check_plot_path(plot, [model])
     return report_output(inspect_model(model, tile=parse_tile(tile)), str(model), plot)
+
+
+@command
+def normalization(
+    model: ModelArg,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="With --mean/--std: the copy (default: MODEL-norm.onnx).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> Output:
+    """Show the input normalisation MODEL declares, or store --mean and --std in a copy of it: every command
+    (recalibrate, finetune, sweep, run) then feeds it images normalised that way."""
+    check_input_path(model)
+    given = parse_floats(mean, "--mean"), parse_floats(std, "--std")
+    if given.count(None) == 1:
+        raise UserError("give --mean and --std together (three values each), or neither to show what MODEL declares")
+    if output is not None and given[0] is None:
+        raise UserError("-o writes a copy with --mean and --std stored; give them, or drop -o")
+    loaded = load_model(model)
+    values = normalization_for(loaded.model, *given)
+    document = {"model": str(model), "mean": list(values[0]), "std": list(values[1])}
+    document["source"] = normalization_source(loaded.model, *given)
+    if given[0] is not None:
+        output = output or model.with_name(model.stem + "-norm.onnx")
+        check_output_path(output, [model])
+        write_normalization(loaded.model, *values)
+        save_model(loaded.model, output, external_data=loaded.had_external_data)
+        document["output"] = str(output)
+    shown = f"mean {document['mean']}, std {document['std']} ({document['source']})"
+    return Output(document, lambda: stdout.print(shown + (f" -> stored in {output}" if given[0] else ""), markup=False))
 
 
 def version() -> None:

@@ -184,3 +184,33 @@ def test_plots_get_the_mode_of_the_users_umask(capsys, conv_chain_path, tmp_path
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "maps.png").stat().st_mode) == 0o644
+
+
+def test_normalization_is_shown_and_stored_in_a_copy_that_later_commands_read(capsys, model_path, tmp_path):
+    """A third-party model declares no normalisation: `normalization` stores its authors' in a copy
+    (the input untouched), which prune carries on and run then reports as the model's."""
+    before = model_path.read_bytes()
+    code, stdout, _ = run_cli(capsys, "normalization", str(model_path), "--json")
+    assert code == 0 and json.loads(stdout)["source"] == "the model's metadata"  # the tests' CNN stores ImageNet's
+    copy, pruned = tmp_path / "norm.onnx", tmp_path / "pruned.onnx"
+    values = ["--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25"]
+    code, stdout, _ = run_cli(capsys, "normalization", str(model_path), *values, "-o", str(copy), "--json")
+    assert code == 0 and json.loads(stdout)["output"] == str(copy) and model_path.read_bytes() == before
+    assert run_cli(capsys, "prune", str(copy), "-o", str(pruned))[0] == 0
+    code, stdout, _ = run_cli(capsys, "normalization", str(pruned), "--json")
+    shown = json.loads(stdout)
+    assert (shown["mean"], shown["std"], shown["source"]) == ([0.5] * 3, [0.25] * 3, "the model's metadata")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mean", "0.5,0.5,0.5"], "give --mean and --std together"),
+        (["-o", "out.onnx"], "-o writes a copy with --mean and --std"),
+        (["--mean", "0,0,0", "--std", "0,1,1", "-o", "out.onnx"], "std above 0"),
+    ],
+)
+def test_normalization_refuses_half_or_impossible_values_in_one_line(capsys, model_path, tmp_path, args, message):
+    args = [a if a != "out.onnx" else str(tmp_path / a) for a in args]
+    code, _, stderr = run_cli(capsys, "normalization", str(model_path), *args)
+    assert code == 2 and message in stderr and stderr.count("\n") == 1 and not (tmp_path / "out.onnx").exists()
