@@ -487,3 +487,18 @@ def test_a_channels_last_model_is_recalibrated_and_finetuned_like_its_nchw_twin(
     assert onnx.load(tmp_path / "nhwc-tuned.onnx").graph.input[0].type.tensor_type.shape.dim[3].dim_value == 3
     for name in ("w1", "b1", "w2"):
         np.testing.assert_allclose(tuned["nhwc"][name], tuned["nchw"][name], rtol=1e-4, atol=1e-5)
+
+
+def test_recalibration_feeds_a_fixed_batch_model_its_own_batch_size(capsys, data_dir, tmp_path):
+    """A model exported for batches of 1 (common in model zoos) is recalibrated one image at a time."""
+    model = tiny_cnn()
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    dense, pruned = tmp_path / "batch1.onnx", tmp_path / "pruned.onnx"
+    onnx.save(model, dense)
+    args = ["prune", str(dense), "-o", str(pruned), "--exclude", "conv0", "--recalibrate", str(data_dir)]
+    code, _, stderr = run_cli(capsys, *args, "--recalibrate-images", "5")
+    assert code == 0, stderr
+    plain = weights(gpp_onnx.prune(model, 0.5, exclude=["conv0"])[0])["w1"]
+    recalibrated = weights(pruned)["w1"]
+    assert not np.allclose(recalibrated, plain) and np.array_equal(recalibrated == 0, plain == 0)
