@@ -148,6 +148,13 @@ def fixed_batch(dims: list) -> int | None:
     return dims[0] if isinstance(dims[0], int) and dims[0] > 0 else None
 
 
+def model_batches(dims: list, batch: int, images: int) -> tuple[int, int]:
+    """Batch size and image count to feed a model whose input is ``dims``: its fixed batch size, if it
+    has one, with the count rounded down to a multiple of it (at least one batch); else as given."""
+    fixed = fixed_batch(dims)
+    return (fixed, max(fixed, images // fixed * fixed)) if fixed else (batch, images)
+
+
 def run_in_model_batches(session, feeds: dict[str, np.ndarray]) -> np.ndarray:
     """The first output for a batch of any size: cut into the session input's fixed batch size, the last
     piece padded with zeros and the padding's outputs dropped."""
@@ -278,9 +285,8 @@ def calibrate_on_data(
     A model with a fixed batch size is calibrated in batches of that size (the image count rounded
     down to a multiple of it, at least one batch)."""
     input_name, dims = model_image_input(model)
-    batch = fixed_batch(dims)
-    if batch is not None and batch != options.batch:
-        options = replace(options, batch=batch, images=max(batch, options.images // batch * batch))
+    batch, images = model_batches(dims, options.batch, options.images)
+    options = replace(options, batch=batch, images=images)
     model_input = (input_name, dims, image_dtype(model))
     feeds = data.feeds(dataset, model_input, *normalization, "train", options.batch, options.images)
     described = data.describe_feeds(dataset, "train", *normalization)

@@ -23,7 +23,7 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 
 from gpp_app import data
-from gpp_app.evaluate import check_fits, check_labels, check_scores
+from gpp_app.evaluate import check_fits, check_labels, check_scores, model_batches
 from gpp_app.gradual import GradualPruner
 from gpp_app.qat import CALIBRATION, VtaRounding
 from gpp_app.torch_model import Trainable, import_training, to_trainable
@@ -360,7 +360,8 @@ def train(
     if options.qat_epochs:
         trainer.qat = VtaRounding(trainable)
         model_input = data.model_input(model)
-        feeds = list(data.feeds(dataset, model_input, mean, std, "train", CALIBRATION.batch, CALIBRATION.images))
+        batch, images = model_batches(model_input[1], CALIBRATION.batch, CALIBRATION.images)
+        feeds = list(data.feeds(dataset, model_input, mean, std, "train", batch, images))
         trainer.rounding = lambda: trainer.qat.attach(model, feeds, data.describe_feeds(dataset, "train", mean, std))
     trainer.fingerprint = hashlib.sha256(model.SerializeToString()).hexdigest()
     if options.resume and checkpoint is not None and checkpoint.exists():

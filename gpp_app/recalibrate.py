@@ -18,7 +18,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from gpp_app import data
-from gpp_app.evaluate import check_data_fits, fixed_batch
+from gpp_app.evaluate import check_data_fits, model_batches
 from gpp_onnx.annotation import read_annotation, validate_annotation
 from gpp_onnx.errors import UserError
 from gpp_onnx.model_io import image_dtype, image_input
@@ -88,8 +88,7 @@ def recalibrate(
     if missing:
         raise UserError(f"the dense model has no tensor {missing[0]!r}; pass the model the pruned one was made from")
     model_input = (input_name, image_input(dense)[1], image_dtype(dense))
-    fixed = fixed_batch(model_input[1])  # a model made for batches of N gets exactly that (images rounded down)
-    batch, images = (fixed, max(fixed, images // fixed * fixed)) if fixed else (batch, images)
+    batch, images = model_batches(model_input[1], batch, images)  # a model made for batches of N gets those
     calibration = [feed[input_name] for feed in data.feeds(dataset, model_input, mean, std, "train", batch, images)]
     if not calibration:
         raise UserError(f"no train images in {dataset.root} to recalibrate on; {data.LAYOUTS_HELP}")

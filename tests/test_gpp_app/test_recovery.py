@@ -489,8 +489,9 @@ def test_a_channels_last_model_is_recalibrated_and_finetuned_like_its_nchw_twin(
         np.testing.assert_allclose(tuned["nhwc"][name], tuned["nchw"][name], rtol=1e-4, atol=1e-5)
 
 
-def test_recalibration_feeds_a_fixed_batch_model_its_own_batch_size(capsys, data_dir, tmp_path):
-    """A model exported for batches of 1 (common in model zoos) is recalibrated one image at a time."""
+def test_recalibration_and_qat_feed_a_fixed_batch_model_its_own_batch_size(torch, capsys, data_dir, tmp_path):
+    """A model exported for batches of 1 (common in model zoos) is recalibrated, and calibrated for QAT,
+    one image at a time."""
     model = tiny_cnn()
     for value in (model.graph.input[0], model.graph.output[0]):
         value.type.tensor_type.shape.dim[0].dim_value = 1
@@ -502,3 +503,6 @@ def test_recalibration_feeds_a_fixed_batch_model_its_own_batch_size(capsys, data
     plain = weights(gpp_onnx.prune(model, 0.5, exclude=["conv0"])[0])["w1"]
     recalibrated = weights(pruned)["w1"]
     assert not np.allclose(recalibrated, plain) and np.array_equal(recalibrated == 0, plain == 0)
+    tune = ["--epochs", "1", "--qat-epochs", "1", "--batch", "8", "--eval-limit", "5", "-o", str(tmp_path / "q.onnx")]
+    code, _, stderr = run_cli(capsys, "finetune", str(pruned), "--data", str(data_dir), *tune)
+    assert code == 0, stderr
