@@ -100,9 +100,11 @@ class SweepOptions:
         if tune.qat_epochs:
             parts.append(f"qat {tune.qat_epochs}")
         defaults = SweepOptions()
-        for name in ("recalibration_images", "calibration", "eval_limit"):
+        for name in ("recalibration_images", "eval_limit"):
             if getattr(self, name) != getattr(defaults, name):
                 parts.append(f"{name} {getattr(self, name)}")
+        if self.calibration != defaults.calibration:
+            parts.append(f"calibration {self.calibration.method} on {self.calibration.images} images")
         return ", ".join(parts)
 
     @property
