@@ -338,8 +338,8 @@ def train(
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
-    dims = image_input(model)[1]
-    last = data.channels_last(dims, images.shape[1:])  # a TensorFlow export takes [N, H, W, C]
+    model_input = data.model_input(model)
+    last = data.channels_last(model_input[1], images.shape[1:])  # a TensorFlow export takes [N, H, W, C]
 
     def normalize(x):
         x = x.float().div_(255).sub_(mean_t).div_(std_t)
@@ -359,9 +359,8 @@ def train(
     )
     if options.qat_epochs:
         trainer.qat = VtaRounding(trainable)
-        model_input = data.model_input(model)
-        batch, images = model_batches(model_input[1], CALIBRATION.batch, CALIBRATION.images)
-        feeds = list(data.feeds(dataset, model_input, mean, std, "train", batch, images))
+        batch, count = model_batches(model_input[1], CALIBRATION.batch, CALIBRATION.images)
+        feeds = list(data.feeds(dataset, model_input, mean, std, "train", batch, count))
         trainer.rounding = lambda: trainer.qat.attach(model, feeds, data.describe_feeds(dataset, "train", mean, std))
     trainer.fingerprint = hashlib.sha256(model.SerializeToString()).hexdigest()
     if options.resume and checkpoint is not None and checkpoint.exists():

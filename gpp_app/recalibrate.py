@@ -21,7 +21,7 @@ from gpp_app import data
 from gpp_app.evaluate import check_data_fits, model_batches
 from gpp_onnx.annotation import read_annotation, validate_annotation
 from gpp_onnx.errors import UserError
-from gpp_onnx.model_io import image_dtype, image_input
+from gpp_onnx.model_io import image_input
 from gpp_onnx.normalization import normalization_for
 from gpp_onnx.progress import Track, no_progress
 from gpp_onnx.weights import GraphIndex
@@ -87,7 +87,7 @@ def recalibrate(
     missing = [node.output[0] for node in convs if node.output[0] not in dense_outputs]
     if missing:
         raise UserError(f"the dense model has no tensor {missing[0]!r}; pass the model the pruned one was made from")
-    model_input = (input_name, image_input(dense)[1], image_dtype(dense))
+    model_input = (input_name, *data.model_input(dense)[1:])  # the dense model's dims and type
     batch, images = model_batches(model_input[1], batch, images)  # a model made for batches of N gets those
     calibration = [feed[input_name] for feed in data.feeds(dataset, model_input, mean, std, "train", batch, images)]
     if not calibration:

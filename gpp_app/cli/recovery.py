@@ -121,8 +121,14 @@ def finetune(
     check_input_path(model)
     output = output or model.with_name(model.stem + "-ft.onnx")
     check_output_path(output, [model] + ([teacher] if teacher else []))
-    floor = dict(layer_floor=layer_floor, allow_empty_layers=allow_empty_layers)
-    pruning = PruneOptions(gradual or 0.0, pattern, scope, exclude=tuple(exclude or ()), **floor)  # type: ignore[arg-type]
+    pruning = PruneOptions(
+        gradual or 0.0,
+        pattern,
+        scope,
+        exclude=tuple(exclude or ()),
+        layer_floor=layer_floor,
+        allow_empty_layers=allow_empty_layers,
+    )
     options = FinetuneOptions(
         **dict(epochs=epochs, lr=lr, batch=batch, schedule=schedule, device=device, seed=seed, resume=resume),
         **dict(limit=limit, restore_bn=restore_bn, teacher=None if teacher is None else str(teacher)),
