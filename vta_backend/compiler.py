@@ -39,6 +39,7 @@ import numpy as np
 from gpp_onnx.annotation import check_pruned_tiles_are_zero
 from vta_backend.bias import bias_input, bias_weights
 from vta_backend.config import VTAConfig
+from vta_backend.cost import gemm_cycles
 from vta_backend.isa import (
     AluInsn,
     AluOp,
@@ -60,14 +61,19 @@ from vta_backend.residual import ResidualAlignment, requantization_shifts
 from vta_backend.tiling import (
     HAZARD_DISTANCE,
     AccLayout,
+    ClipChunk,
     CompileError,
     Geometry,
     Tiling,
     choose_tilings,
+    chunk_stores,
+    clip_chunks,
+    flow_order,
     geometry,
     input_half,
     shift_vectors,
     shr_passes,
+    step_load_cycles,
     sub_block,
     window,
 )
@@ -343,9 +349,9 @@ class _ProgramBuilder:
         self.counts = dict.fromkeys(kinds, 0)
 
     def emit_block(self, b: int, extent: tuple[int, int, int, int, int, int]) -> None:
-        """Accumulator set-up, the fused residual, every step (input-channel tile) with an issued tile,
-        requantization, stores; ``extent`` is the block's origin and size (o0, y0, x0, obb, rb, cb)."""
-        g = self.g
+        """Accumulator set-up, the fused residual, the bias, every step (input-channel tile) with an issued
+        tile in :meth:`_step_order`, requantization, stores; ``extent`` is the block's origin and size
+        (o0, y0, x0, obb, rb, cb)."""
         block = _Block(b, *extent, (b % self.halves) * self.layout.size)
         first = len(self.insns)
         self._emit_accumulator_setup(block)
@@ -354,10 +360,21 @@ class _ProgramBuilder:
         if self.alignment is not None and not self.alignment.after_requantization:
             self._emit_residual(block, self.alignment)  # first: its SHR must see the residual alone
         if self.tiling.bias_by_gemm:
-            self._emit_bias(block)
-        for it in range(g.ic_tiles):
+            self._emit_bias(block)  # first: its loads are small, its GEMM runs while the first step loads
+        for it in self._step_order(block):
             self._emit_step(block, it)
         self._emit_epilogue(block)
+
+    def _step_order(self, block: _Block) -> list[int]:
+        """The block's input-channel tiles in the order that keeps the compute module busiest: pruning leaves
+        them different numbers of weight tiles, so their loads and GEMMs differ (Johnson's rule,
+        :func:`~vta_backend.tiling.flow_order`)."""
+        win_rows, win_cols = window(self.conv, block.rb, block.cb)
+        costs = []
+        for it in range(self.g.ic_tiles):
+            tiles = int(self.issued[block.o0 : block.o0 + block.obb, it].sum())
+            costs.append((step_load_cycles(win_rows * win_cols, tiles, self.config), gemm_cycles(tiles * block.pixels)))
+        return flow_order(costs)
 
     def _emit_accumulator_setup(self, block: _Block) -> None:
         """LOAD ACC of the bias (+ rounding), per-channel shift and alignment vectors, then reset."""
@@ -527,39 +544,52 @@ class _ProgramBuilder:
 
     def _emit_epilogue(self, block: _Block) -> None:
         """The requantization (ADD bias+rounding, SHR), a residual that joins after it, the clip
-        (MIN 127, MAX -127 / 0), then the stores of the block."""
+        (MIN 127, MAX -127 / 0), then the stores of the block; the program's last block clips and stores in
+        chunks (:func:`~vta_backend.tiling.clip_chunks`) so that its stores overlap its clipping."""
         obb, rb, cb = block.obb, block.rb, block.cb
-        whole = self.uops.add([(block.acc_base, 0, 0)])
         if "bias" in self.layout.vectors:
             self.insns.append(AluInsn(AluOp.ADD, False, 0, *self._per_tile(block, "bias"), rb, cb, cb, 1, 0, 0))
         self._shr(block, "shift", int(requantization_shifts(self.conv)[0]))
         if self.alignment is not None and self.alignment.after_requantization:
             self._emit_residual(block, self.alignment)
-        self.insns.append(AluInsn(AluOp.MIN, True, 127, *whole, obb * rb, cb, cb, 1))
+        last = block.index == len(self.blocks) - 1
+        chunks = clip_chunks(self.g, obb, rb, cb, self.config) if last else [ClipChunk(0, obb, 0, rb)]
+        for i, chunk in enumerate(chunks):
+            self._emit_clip_and_stores(block, chunk, frees_half=i == len(chunks) - 1)
+
+    def _emit_clip_and_stores(self, block: _Block, chunk: ClipChunk, frees_half: bool) -> None:
+        """The clip (MIN 127, MAX -127 / 0) of a chunk of the block, then its stores; ``frees_half``: the
+        block's last stores, which hand the accumulator half back (or end the program)."""
+        first = block.acc_base + chunk.o0 * block.pixels + chunk.r0 * block.cb
+        rows, cb = chunk.tiles * chunk.rows, block.cb
+        uops = self.uops.add([(first, 0, 0)])
+        self.insns.append(AluInsn(AluOp.MIN, True, 127, *uops, rows, cb, cb, 1))
         low = 0 if self.conv.relu else -127
-        self.insns.append(AluInsn(AluOp.MAX, True, low, *whole, obb * rb, cb, cb, 1, deps=Deps(push_next=True)))
-        stores = self._stores(block)
+        self.insns.append(AluInsn(AluOp.MAX, True, low, *uops, rows, cb, cb, 1, deps=Deps(push_next=True)))
+        stores = self._stores(block, chunk)
         stores[0].deps.pop_prev = True
         blocks = len(self.blocks)
-        stores[-1].deps.push_prev = block.index + self.halves < blocks or block.index == blocks - 1
+        stores[-1].deps.push_prev = frees_half and (block.index + self.halves < blocks or block.index == blocks - 1)
         self.insns += stores
 
-    def _stores(self, block: _Block) -> list[MemInsn]:
-        """STORE the block: one per output-channel tile, or one for all when the block is whole maps."""
-        g, rb, cb = self.g, block.rb, block.cb
-        if rb == g.out_height and cb == g.out_width:
-            return [MemInsn(Opcode.STORE, MemType.OUT, block.acc_base, block.o0 * rb * cb, block.obb * rb, cb, cb)]
+    def _stores(self, block: _Block, chunk: ClipChunk | None = None) -> list[MemInsn]:
+        """STORE a chunk of the block (default: all of it) as :func:`~vta_backend.tiling.chunk_stores` cuts it:
+        one per output-channel tile, or one for all when the block is whole maps."""
+        g, cb = self.g, block.cb
+        chunk = chunk or ClipChunk(0, block.obb, 0, block.rb)
+        sizes = chunk_stores(g, chunk, cb)
+        tiles_per_store = chunk.tiles // len(sizes)
         return [
             MemInsn(
                 Opcode.STORE,
                 MemType.OUT,
-                block.acc_base + o * rb * cb,
-                ((block.o0 + o) * g.out_height + block.y0) * g.out_width + block.x0,
-                rb,
+                block.acc_base + o * block.pixels + chunk.r0 * cb,
+                ((block.o0 + o) * g.out_height + block.y0 + chunk.r0) * g.out_width + block.x0,
+                tiles_per_store * chunk.rows,
                 cb,
                 g.out_width,
             )
-            for o in range(block.obb)
+            for o in range(chunk.o0, chunk.o0 + chunk.tiles, tiles_per_store)
         ]
 
     def program(self) -> Program:

@@ -260,6 +260,21 @@ def _dma(memory_type: MemType, elements: int, config: VTAConfig) -> int:
     return dma_cycles(elements * element_bytes(memory_type, config)[1], config)
 
 
+def step_load_cycles(input_vectors: int, weight_tiles: int, config: VTAConfig) -> int:
+    """Cycles of a step's loads: its input window and its weight tiles."""
+    return _dma(MemType.INP, input_vectors, config) + _dma(MemType.WGT, weight_tiles, config)
+
+
+def flow_order(steps: list[tuple[int, int]]) -> list[int]:
+    """The order of steps ``(load cycles, compute cycles)`` that ends soonest when the load module feeds the
+    compute module (Johnson's rule for a two-machine flow shop): steps whose load is shorter than their
+    compute first, by increasing load, then the others by decreasing compute; ties keep their order."""
+    indexed = list(enumerate(steps))
+    first = sorted((s for s in indexed if s[1][0] < s[1][1]), key=lambda s: s[1][0])
+    last = sorted((s for s in indexed if s[1][0] >= s[1][1]), key=lambda s: -s[1][1])
+    return [index for index, _ in first + last]
+
+
 def _requantization(conv: QuantConv, outputs: int, bias_by_gemm: bool) -> int:
     """Cycles of a block's requantization: the bias (GEMM, or ALU ADD with a tensor operand), SHR (tensor
     when per channel), MIN, MAX."""
@@ -307,8 +322,7 @@ def _work_of_block(
     ob, rows, cols = block
     outputs = ob * rows * cols
     win_rows, win_cols = window(conv, rows, cols)
-    step_load = _dma(MemType.INP, win_rows * win_cols, config)
-    step_load += _dma(MemType.WGT, max(1, round(ob * g.positions * density)), config)
+    step_load = step_load_cycles(win_rows * win_cols, max(1, round(ob * g.positions * density)), config)
     load = g.ic_tiles * step_load
     compute = g.ic_tiles * gemm_cycles(round(outputs * g.positions * density))
     kinds = len(vector_kinds(conv, tiling.bias_by_gemm))
@@ -332,6 +346,62 @@ def _work_of_block(
     return load, compute, _dma(MemType.OUT, outputs, config), max(0, step_load - head)
 
 
+@dataclass(frozen=True)
+class ClipChunk:
+    """A piece of the last block whose clip (MIN, MAX) and stores are emitted together, so the stores of one
+    piece overlap the clipping of the next: output-channel tiles ``[o0, o0 + tiles)`` x rows ``[r0, r0 + rows)``
+    of the block (one axis is cut: output-channel tiles when the block has several, else rows)."""
+
+    o0: int
+    tiles: int
+    r0: int
+    rows: int
+
+
+MAX_CLIP_CHUNKS = 4
+
+
+def clip_chunks(g: Geometry, ob: int, rows: int, cols: int, config: VTAConfig) -> list[ClipChunk]:
+    """How the program's last block is clipped and stored: the cut (at most MAX_CLIP_CHUNKS near-equal
+    pieces) whose last store ends soonest after the block's shift; one piece when cutting does not pay."""
+    units = ob if ob > 1 else rows
+    options = []
+    for k in range(1, min(units, MAX_CLIP_CHUNKS) + 1):
+        sizes = [units // k + (i < units % k) for i in range(k)]
+        starts = np.cumsum([0] + sizes[:-1])
+        if ob > 1:
+            chunks = [ClipChunk(int(s), n, 0, rows) for s, n in zip(starts, sizes)]
+        else:
+            chunks = [ClipChunk(0, 1, int(s), n) for s, n in zip(starts, sizes)]
+        options.append((clip_and_store_cycles(g, chunks, cols, config), k, chunks))
+    return min(options, key=lambda option: option[:2])[2]
+
+
+def chunk_stores(g: Geometry, chunk: ClipChunk, cols: int) -> list[int]:
+    """Output vectors of each STORE of a chunk: one for whole output maps or a single output-channel tile,
+    else one per output-channel tile."""
+    if (chunk.rows == g.out_height and cols == g.out_width) or chunk.tiles == 1:
+        return [chunk.tiles * chunk.rows * cols]
+    return [chunk.rows * cols] * chunk.tiles
+
+
+def clip_and_store_cycles(g: Geometry, chunks: list[ClipChunk], cols: int, config: VTAConfig) -> int:
+    """Cycles from the start of the clip to the end of the last store, the stores of each chunk waiting
+    for its clip (MIN and MAX) and the previous stores."""
+    compute = store = 0
+    for chunk in chunks:
+        compute += 2 * alu_cycles(chunk.tiles * chunk.rows * cols, tensor_operand=False)
+        store = max(store, compute) + sum(_dma(MemType.OUT, n, config) for n in chunk_stores(g, chunk, cols))
+    return store
+
+
+def _last_block_tail(g: Geometry, ob: int, rows: int, cols: int, config: VTAConfig) -> int:
+    """Cycles the last block's clip and stores add after its compute as :func:`_block_work` counts it (which
+    includes one MIN and one MAX over the whole block)."""
+    chunks = clip_chunks(g, ob, rows, cols, config)
+    return clip_and_store_cycles(g, chunks, cols, config) - 2 * alu_cycles(ob * rows * cols, tensor_operand=False)
+
+
 def estimate_cycles(
     conv: QuantConv, g: Geometry, config: VTAConfig, tiling: Tiling, density: float = 1.0, memo: dict | None = None
 ) -> int:
@@ -340,7 +410,8 @@ def estimate_cycles(
 
     Double-buffered, the load, compute and store modules overlap: every block costs its busiest
     module's work, plus the first block's first step loads before any GEMM and the last block's
-    store after the compute module is done. Single-buffered, the modules take turns.
+    stores after the compute module is done (overlapping its clip where :func:`clip_chunks` cuts it).
+    Single-buffered, the modules take turns.
     """
     parts = tiling.parts(g)
     total = 0
@@ -353,7 +424,7 @@ def estimate_cycles(
     ob, rows, cols = (p[-1] for p in parts)
     kinds = len(vector_kinds(conv, tiling.bias_by_gemm))
     resident = kinds * _dma(MemType.ACC, g.oc_tiles, config) if tiling.resident_vectors and kinds else 0
-    return resident + first + total + _dma(MemType.OUT, ob * rows * cols, config)
+    return resident + first + total + _last_block_tail(g, ob, rows, cols, config)
 
 
 def _lead_variants(tiling: Tiling) -> list[Tiling]:
