@@ -28,6 +28,7 @@ from gpp_app.data import default_data_dir
 from gpp_app.finetune import FinetuneOptions
 from gpp_app.recalibrate import DEFAULT_RECALIBRATION_IMAGES
 from gpp_app.sweep import DEFAULT_SPARSITIES, SweepOptions
+from gpp_onnx.errors import UserError
 from gpp_onnx.model_io import check_input_path, check_output_path
 from gpp_onnx.patterns import pattern_names
 from gpp_onnx.pruner import DEFAULT_PATTERN, DEFAULT_SCOPE, PruneOptions
@@ -43,13 +44,9 @@ KdTemperatureOpt = Annotated[
     float, typer.Option("--kd-temperature", help="Softening of both models' outputs for distillation.")
 ]
 KdWeightOpt = Annotated[float, typer.Option("--kd-weight", help="Share of the distillation loss (the rest: labels).")]
-PatternOpt = Annotated[str, typer.Option("--pattern", "-p", help=f"{', '.join(pattern_names())}.")]
 LayerFloorOpt = Annotated[float, typer.Option("--layer-floor", help="Fraction of each layer's units never pruned.")]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", "-x", help="Layers kept dense (regex).")]
 QatEpochsOpt = Annotated[int, typer.Option("--qat-epochs", help="Last epochs trained through VTA's int8 rounding.")]
-GradualUntilOpt = Annotated[
-    float, typer.Option("--gradual-until", help="Fraction of training over which the sparsity rises.")
-]
 
 
 @command
@@ -105,12 +102,20 @@ def finetune(
     kd_temperature: KdTemperatureOpt = FinetuneOptions.kd_temperature,
     kd_weight: KdWeightOpt = FinetuneOptions.kd_weight,
     gradual: Annotated[Optional[float], typer.Option("--gradual", help="Prune gradually to this sparsity.")] = None,
-    pattern: PatternOpt = DEFAULT_PATTERN,
-    scope: Annotated[str, typer.Option("--scope", help="With --gradual: layer or global.")] = DEFAULT_SCOPE,
-    layer_floor: LayerFloorOpt = PruneOptions.layer_floor,
+    pattern: Annotated[
+        Optional[str], typer.Option("--pattern", "-p", help=f"With --gradual: {', '.join(pattern_names())}.")
+    ] = None,
+    scope: Annotated[Optional[str], typer.Option("--scope", help="With --gradual: layer or global.")] = None,
+    layer_floor: Annotated[
+        Optional[float], typer.Option("--layer-floor", help="With --gradual: fraction of each layer's units kept.")
+    ] = None,
     allow_empty_layers: AllowEmptyOpt = False,
-    exclude: ExcludeOpt = None,
-    gradual_until: GradualUntilOpt = FinetuneOptions.gradual_until,
+    exclude: Annotated[
+        Optional[list[str]], typer.Option("--exclude", "-x", help="With --gradual: layers kept dense (regex).")
+    ] = None,
+    gradual_until: Annotated[
+        Optional[float], typer.Option("--gradual-until", help="With --gradual: share of training the sparsity rises.")
+    ] = None,
     qat_epochs: QatEpochsOpt = FinetuneOptions.qat_epochs,
     eval_limit: EvalLimitOpt = None,
     as_json: JsonOpt = False,
@@ -121,24 +126,37 @@ def finetune(
     check_input_path(model)
     output = output or model.with_name(model.stem + "-ft.onnx")
     check_output_path(output, [model] + ([teacher] if teacher else []))
-    pruning = PruneOptions(
-        gradual or 0.0,
-        pattern,
-        scope,
-        exclude=tuple(exclude or ()),
-        layer_floor=layer_floor,
-        allow_empty_layers=allow_empty_layers,
-    )
+    shaping = {"--pattern": pattern, "--scope": scope, "--layer-floor": layer_floor, "--exclude": exclude}
+    shaping |= {"--allow-empty-layers": allow_empty_layers or None, "--gradual-until": gradual_until}
     options = FinetuneOptions(
         **dict(epochs=epochs, lr=lr, batch=batch, schedule=schedule, device=device, seed=seed, resume=resume),
         **dict(limit=limit, restore_bn=restore_bn, teacher=None if teacher is None else str(teacher)),
-        **dict(kd_temperature=kd_temperature, kd_weight=kd_weight, gradual_until=gradual_until, qat_epochs=qat_epochs),
-        gradual=None if gradual is None else pruning,
+        **dict(kd_temperature=kd_temperature, kd_weight=kd_weight, qat_epochs=qat_epochs),
+        gradual=_gradual_pruning(gradual, shaping),
+        gradual_until=FinetuneOptions.gradual_until if gradual_until is None else gradual_until,
     )
     options.check()
     with training_progress(epochs) as on_step:
         result = finetune_file(model, data_dir or default_data_dir(), output, options, eval_limit, on_step, progress)
     return Output(result.to_dict(), lambda: _print_finetune(result, output))
+
+
+def _gradual_pruning(gradual: float | None, shaping: dict[str, object]) -> PruneOptions | None:
+    """The pruning ``finetune --gradual`` runs, from the options that shape it (None where not given); those
+    options without --gradual are a UserError (they would be ignored)."""
+    given = [flag for flag, value in shaping.items() if value is not None]
+    if gradual is None:
+        if given:
+            raise UserError(f"{', '.join(given)} only apply with --gradual; add --gradual SPARSITY or leave them out")
+        return None
+    return PruneOptions(
+        gradual,
+        shaping["--pattern"] or DEFAULT_PATTERN,
+        shaping["--scope"] or DEFAULT_SCOPE,
+        exclude=tuple(shaping["--exclude"] or ()),
+        layer_floor=PruneOptions.layer_floor if shaping["--layer-floor"] is None else shaping["--layer-floor"],
+        allow_empty_layers=bool(shaping["--allow-empty-layers"]),
+    )
 
 
 def _print_finetune(result, output: Path) -> None:
