@@ -15,7 +15,7 @@ from gpp_app import data
 
 
 class Cifar10(Dataset):
-    """``({input_name: normalised float32 CHW image}, int64 label)`` items, as Olive's calibration and
+    """``({input_name: normalised float32 CHW (or HWC) image}, int64 label)`` items, as Olive's calibration and
     accuracy evaluation read them."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, input_name: str) -> None:
@@ -39,11 +39,13 @@ def cifar10_dataset(
     input_name: str = "input",
     mean: tuple[float, ...] = data.IMAGENET_MEAN,
     std: tuple[float, ...] = data.IMAGENET_STD,
+    channels_last: bool = False,
 ) -> Cifar10:
-    """The first ``limit`` images of a CIFAR-10 split, normalised with ``mean`` / ``std``, fed as ``input_name``."""
+    """The first ``limit`` images of a CIFAR-10 split, normalised with ``mean`` / ``std``, fed as ``input_name``
+    (HWC images where ``channels_last``, as TensorFlow / Keras exports take them)."""
     dataset = data.locate(data_dir or data.default_data_dir())
     batches = list(data.iter_uint8(dataset, split, 256, limit))
-    images = data.normalize(np.concatenate([b[0] for b in batches]), tuple(mean), tuple(std))
+    images = data.normalize(np.concatenate([b[0] for b in batches]), tuple(mean), tuple(std), channels_last)
     return Cifar10(images, np.concatenate([b[1] for b in batches]), input_name)
 
 

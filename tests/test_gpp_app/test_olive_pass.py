@@ -125,3 +125,18 @@ def test_package_config_lists_our_pass_and_olive_s_own_entries_unchanged():
     for name, entry in ours.passes.items():
         if name != "grouppatternpruning":
             assert entry == olive_defaults[name], f"{name} differs from the installed Olive's entry"
+
+
+def test_example_dataset_feeds_channels_last_models(data_dir):
+    """``"channels_last": true`` in the example's data configs gives a TensorFlow-exported model HWC images,
+    the same values as the CHW ones."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("olive_user_script", EXAMPLE / "user_script.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    chw = script.cifar10_dataset(str(data_dir), limit=4)
+    hwc = script.cifar10_dataset(str(data_dir), limit=4, channels_last=True, input_name="x")
+    (feed_chw, label_chw), (feed_hwc, label_hwc) = chw[3], hwc[3]
+    assert feed_chw["input"].shape == (3, 32, 32) and feed_hwc["x"].shape == (32, 32, 3)
+    assert (feed_hwc["x"] == feed_chw["input"].permute(1, 2, 0)).all() and label_chw == label_hwc
