@@ -2,9 +2,10 @@
 
 The schedule (as TVM's VTA conv2d schedule does it) tiles the output into blocks of
 ``oc_block`` output-channel tiles x ``rows`` x ``cols`` pixels (:mod:`vta_backend.tiling`
-ranks the tilings; the four best are built and the fastest in the cycle model is kept). For
-every block and every input-channel tile that has at least one issued weight tile in the
-block (a *step*):
+ranks the tilings; the CANDIDATES best are built and the fastest in the cycle model is kept).
+For every block and every input-channel tile that has at least one issued weight tile in the
+block (a *step*), in the order that keeps the GEMMs busiest (pruning leaves the steps
+different numbers of weight tiles: :func:`~vta_backend.tiling.flow_order`):
 
 * load module: LOAD INP of the input window (spatial padding through the pad fields),
   LOAD WGT of the block's issued weight tiles for that input-channel tile;
@@ -16,16 +17,17 @@ Per block the compute module also resets the accumulators, adds the bias (a GEMM
 constant input vector, or an ALU ADD of bias vectors loaded once per program or per block),
 adds a fused residual (a GEMM of the int8 residual from the input buffer, before or after
 the shift: :mod:`vta_backend.residual`), and runs the requantization ALU ops (SHR, MIN,
-MAX); the store module writes the int8 block out. Input, weight and accumulator buffers are
-split in two halves (double buffering) when they fit, so loads, GEMMs and stores overlap,
-synchronised by dependency tokens. Every program passes :mod:`vta_backend.program_check`.
+MAX); the store module writes the int8 block out - the program's last block in chunks, each
+stored while the next is clipped (:func:`~vta_backend.tiling.clip_chunks`). Input, weight and
+accumulator buffers are split in two halves (double buffering) when they fit, so loads, GEMMs
+and stores overlap, synchronised by dependency tokens. Every program passes
+:mod:`vta_backend.program_check`.
 
 A tile is *issued* when the annotation keeps it and it holds a nonzero weight: pruned
 tiles - and tiles that are all zero after quantization - are neither stored in the
 weight image, loaded, nor issued as micro-ops. The weight image in DRAM holds the issued
-OIHW16o16i tiles in step order (oc block, ic tile, oc tile, kernel position), so each
-step's weights are one contiguous LOAD; the residual's diagonal tiles and the bias tiles
-follow their block's.
+OIHW16o16i tiles (and the bias and residual steps' tiles) in the order the program first uses
+them - a step's by oc tile, then kernel position - so each step's weights are one contiguous LOAD.
 """
 
 from __future__ import annotations
@@ -66,7 +68,6 @@ from vta_backend.tiling import (
     Geometry,
     Tiling,
     choose_tilings,
-    chunk_stores,
     clip_chunks,
     flow_order,
     geometry,
@@ -75,6 +76,7 @@ from vta_backend.tiling import (
     shr_passes,
     step_load_cycles,
     sub_block,
+    tiles_per_store,
     window,
 )
 from vta_backend.timing import simulate_timing
@@ -573,23 +575,22 @@ class _ProgramBuilder:
         self.insns += stores
 
     def _stores(self, block: _Block, chunk: ClipChunk | None = None) -> list[MemInsn]:
-        """STORE a chunk of the block (default: all of it) as :func:`~vta_backend.tiling.chunk_stores` cuts it:
-        one per output-channel tile, or one for all when the block is whole maps."""
+        """STORE a chunk of the block (default: all of it): one per output-channel tile, or one for all when the
+        chunk is whole output maps (:func:`~vta_backend.tiling.tiles_per_store`)."""
         g, cb = self.g, block.cb
         chunk = chunk or ClipChunk(0, block.obb, 0, block.rb)
-        sizes = chunk_stores(g, chunk, cb)
-        tiles_per_store = chunk.tiles // len(sizes)
+        per_store = tiles_per_store(g, chunk, cb)
         return [
             MemInsn(
                 Opcode.STORE,
                 MemType.OUT,
                 block.acc_base + o * block.pixels + chunk.r0 * cb,
                 ((block.o0 + o) * g.out_height + block.y0 + chunk.r0) * g.out_width + block.x0,
-                tiles_per_store * chunk.rows,
+                per_store * chunk.rows,
                 cb,
                 g.out_width,
             )
-            for o in range(chunk.o0, chunk.o0 + chunk.tiles, tiles_per_store)
+            for o in range(chunk.o0, chunk.o0 + chunk.tiles, per_store)
         ]
 
     def program(self) -> Program:

@@ -266,13 +266,34 @@ def step_load_cycles(input_vectors: int, weight_tiles: int, config: VTAConfig) -
 
 
 def flow_order(steps: list[tuple[int, int]]) -> list[int]:
-    """The order of steps ``(load cycles, compute cycles)`` that ends soonest when the load module feeds the
-    compute module (Johnson's rule for a two-machine flow shop): steps whose load is shorter than their
-    compute first, by increasing load, then the others by decreasing compute; ties keep their order."""
+    """An order of steps ``(load cycles, compute cycles)`` for a load module feeding a compute module through
+    two buffer halves (a step's loads wait for the GEMM two steps back): :func:`johnson_order`, or the given
+    order where that ends sooner with two halves (:func:`two_buffer_makespan`)."""
+    given = list(range(len(steps)))
+    return min((johnson_order(steps), given), key=lambda order: two_buffer_makespan([steps[i] for i in order]))
+
+
+def johnson_order(steps: list[tuple[int, int]]) -> list[int]:
+    """Johnson's rule for the two-machine flow shop, the order of steps ``(load cycles, compute cycles)`` that
+    ends soonest when loads may run ahead without limit: steps whose load is shorter than their compute
+    first, by increasing load, then the others by decreasing compute; ties keep their order."""
     indexed = list(enumerate(steps))
     first = sorted((s for s in indexed if s[1][0] < s[1][1]), key=lambda s: s[1][0])
     last = sorted((s for s in indexed if s[1][0] >= s[1][1]), key=lambda s: -s[1][1])
     return [index for index, _ in first + last]
+
+
+def two_buffer_makespan(steps: list[tuple[int, int]]) -> int:
+    """When the last of these steps ``(load cycles, compute cycles)`` ends, in this order: each step's load
+    starts after the previous load and after the compute two steps back (which frees its buffer half), each
+    compute after its load and the previous compute."""
+    load = compute = 0
+    ends: list[int] = []
+    for index, (load_cycles, compute_cycles) in enumerate(steps):
+        load = max(load, ends[index - 2] if index >= 2 else 0) + load_cycles
+        compute = max(compute, load) + compute_cycles
+        ends.append(compute)
+    return compute
 
 
 def _requantization(conv: QuantConv, outputs: int, bias_by_gemm: bool) -> int:
@@ -348,9 +369,11 @@ def _work_of_block(
 
 @dataclass(frozen=True)
 class ClipChunk:
-    """A piece of the last block whose clip (MIN, MAX) and stores are emitted together, so the stores of one
-    piece overlap the clipping of the next: output-channel tiles ``[o0, o0 + tiles)`` x rows ``[r0, r0 + rows)``
-    of the block (one axis is cut: output-channel tiles when the block has several, else rows)."""
+    """A piece of a block whose clip (MIN, MAX) and stores are emitted together: output-channel tiles
+    ``[o0, o0 + tiles)`` x rows ``[r0, r0 + rows)``, cut along one axis only - all the block's rows of some
+    tiles, or some rows of a one-tile block - so that its accumulator rows are one contiguous run. The
+    program's last block is cut in several (:func:`clip_chunks`) so the stores of one overlap the clipping
+    of the next; every other block is one."""
 
     o0: int
     tiles: int
@@ -377,12 +400,10 @@ def clip_chunks(g: Geometry, ob: int, rows: int, cols: int, config: VTAConfig) -
     return min(options, key=lambda option: option[:2])[2]
 
 
-def chunk_stores(g: Geometry, chunk: ClipChunk, cols: int) -> list[int]:
-    """Output vectors of each STORE of a chunk: one for whole output maps or a single output-channel tile,
-    else one per output-channel tile."""
-    if (chunk.rows == g.out_height and cols == g.out_width) or chunk.tiles == 1:
-        return [chunk.tiles * chunk.rows * cols]
-    return [chunk.rows * cols] * chunk.tiles
+def tiles_per_store(g: Geometry, chunk: ClipChunk, cols: int) -> int:
+    """Output-channel tiles one STORE of a chunk covers: all of them where the chunk is whole output maps
+    (contiguous in DRAM), else one per STORE."""
+    return chunk.tiles if chunk.rows == g.out_height and cols == g.out_width else 1
 
 
 def clip_and_store_cycles(g: Geometry, chunks: list[ClipChunk], cols: int, config: VTAConfig) -> int:
@@ -391,7 +412,9 @@ def clip_and_store_cycles(g: Geometry, chunks: list[ClipChunk], cols: int, confi
     compute = store = 0
     for chunk in chunks:
         compute += 2 * alu_cycles(chunk.tiles * chunk.rows * cols, tensor_operand=False)
-        store = max(store, compute) + sum(_dma(MemType.OUT, n, config) for n in chunk_stores(g, chunk, cols))
+        per_store = tiles_per_store(g, chunk, cols)
+        stores = chunk.tiles // per_store * _dma(MemType.OUT, per_store * chunk.rows * cols, config)
+        store = max(store, compute) + stores
     return store
 
 
@@ -418,10 +441,10 @@ def estimate_cycles(
     for block, count in Counter(itertools.product(*parts)).items():
         load, compute, store, _ = _block_work(conv, g, config, block, density, tiling, memo)
         total += count * (max(load, compute, store) if tiling.double_buffered else load + compute + store)
-    if not tiling.double_buffered:
-        return total
-    first = _block_work(conv, g, config, tuple(p[0] for p in parts), density, tiling, memo)[3]
     ob, rows, cols = (p[-1] for p in parts)
+    if not tiling.double_buffered:  # the last block's stores overlap its clip all the same
+        return total - _dma(MemType.OUT, ob * rows * cols, config) + _last_block_tail(g, ob, rows, cols, config)
+    first = _block_work(conv, g, config, tuple(p[0] for p in parts), density, tiling, memo)[3]
     kinds = len(vector_kinds(conv, tiling.bias_by_gemm))
     resident = kinds * _dma(MemType.ACC, g.oc_tiles, config) if tiling.resident_vectors and kinds else 0
     return resident + first + total + _last_block_tail(g, ob, rows, cols, config)

@@ -175,7 +175,10 @@ def load_vta_config(path: Path | None, board: str | None):
 ModelArg = Annotated[Path, typer.Argument(help="ONNX model file.", show_default=False)]
 AllowEmptyOpt = Annotated[
     bool,
-    typer.Option("--allow-empty-layers", help="Let pruning zero a whole layer (by default each keeps its best unit)."),
+    typer.Option(
+        "--allow-empty-layers",
+        help="Let pruning zero a whole layer (by default each keeps its best unit); finetune: with --gradual.",
+    ),
 ]
 MeanOpt = Annotated[
     Optional[str], typer.Option("--mean", help="Per-channel mean of pixels in [0, 1] (default: model metadata).")

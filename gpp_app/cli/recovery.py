@@ -46,6 +46,8 @@ KdTemperatureOpt = Annotated[
 KdWeightOpt = Annotated[float, typer.Option("--kd-weight", help="Share of the distillation loss (the rest: labels).")]
 LayerFloorOpt = Annotated[float, typer.Option("--layer-floor", help="Fraction of each layer's units never pruned.")]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", "-x", help="Layers kept dense (regex).")]
+GRADUAL_PATTERN_HELP = f"With --gradual: {', '.join(pattern_names())} (default: {DEFAULT_PATTERN})."
+GRADUAL_SCOPE_HELP = f"With --gradual: layer or global (default: {DEFAULT_SCOPE})."
 QatEpochsOpt = Annotated[int, typer.Option("--qat-epochs", help="Last epochs trained through VTA's int8 rounding.")]
 
 
@@ -102,19 +104,26 @@ def finetune(
     kd_temperature: KdTemperatureOpt = FinetuneOptions.kd_temperature,
     kd_weight: KdWeightOpt = FinetuneOptions.kd_weight,
     gradual: Annotated[Optional[float], typer.Option("--gradual", help="Prune gradually to this sparsity.")] = None,
-    pattern: Annotated[
-        Optional[str], typer.Option("--pattern", "-p", help=f"With --gradual: {', '.join(pattern_names())}.")
-    ] = None,
-    scope: Annotated[Optional[str], typer.Option("--scope", help="With --gradual: layer or global.")] = None,
+    pattern: Annotated[Optional[str], typer.Option("--pattern", "-p", help=GRADUAL_PATTERN_HELP)] = None,
+    scope: Annotated[Optional[str], typer.Option("--scope", help=GRADUAL_SCOPE_HELP)] = None,
     layer_floor: Annotated[
-        Optional[float], typer.Option("--layer-floor", help="With --gradual: fraction of each layer's units kept.")
+        Optional[float],
+        typer.Option(
+            "--layer-floor",
+            help=f"With --gradual: fraction of each layer's units kept (default: {PruneOptions.layer_floor}).",
+        ),
     ] = None,
     allow_empty_layers: AllowEmptyOpt = False,
     exclude: Annotated[
         Optional[list[str]], typer.Option("--exclude", "-x", help="With --gradual: layers kept dense (regex).")
     ] = None,
     gradual_until: Annotated[
-        Optional[float], typer.Option("--gradual-until", help="With --gradual: share of training the sparsity rises.")
+        Optional[float],
+        typer.Option(
+            "--gradual-until",
+            help=f"With --gradual: share of training over which the sparsity rises "
+            f"(default: {FinetuneOptions.gradual_until}).",
+        ),
     ] = None,
     qat_epochs: QatEpochsOpt = FinetuneOptions.qat_epochs,
     eval_limit: EvalLimitOpt = None,
@@ -147,14 +156,21 @@ def _gradual_pruning(gradual: float | None, shaping: dict[str, object]) -> Prune
     given = [flag for flag, value in shaping.items() if value is not None]
     if gradual is None:
         if given:
-            raise UserError(f"{', '.join(given)} only apply with --gradual; add --gradual SPARSITY or leave them out")
+            them = "it" if len(given) == 1 else "them"
+            raise UserError(
+                f"without --gradual, {', '.join(given)} would be ignored; add --gradual SPARSITY or leave {them} out"
+            )
         return None
+
+    def given_or(flag: str, default: object) -> object:
+        return default if shaping[flag] is None else shaping[flag]
+
     return PruneOptions(
         gradual,
-        shaping["--pattern"] or DEFAULT_PATTERN,
-        shaping["--scope"] or DEFAULT_SCOPE,
-        exclude=tuple(shaping["--exclude"] or ()),
-        layer_floor=PruneOptions.layer_floor if shaping["--layer-floor"] is None else shaping["--layer-floor"],
+        given_or("--pattern", DEFAULT_PATTERN),
+        given_or("--scope", DEFAULT_SCOPE),
+        exclude=tuple(given_or("--exclude", ())),
+        layer_floor=given_or("--layer-floor", PruneOptions.layer_floor),
         allow_empty_layers=bool(shaping["--allow-empty-layers"]),
     )
 
