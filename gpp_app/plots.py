@@ -61,15 +61,20 @@ def plot_tile_maps(report: Report, path: Path) -> None:
 
 
 def _curves(rows: list, column: str) -> dict[str, list[tuple[float, float]]]:
-    """Per pattern (and recipe, when the rows hold several) the column against sparsity, averaged over seeds."""
+    """Per pattern (and recipe, when the rows hold several) the column against the weight sparsity each target
+    reached (a layer floor can stop a pattern short of its target), both averaged over seeds."""
     recipes = {r.recipe for r in rows}
-    points: dict[str, dict[float, list[float]]] = {}
+    points: dict[str, dict[float, list[tuple[float, float]]]] = {}
     for r in rows:
         if getattr(r, column) is None or r.sparsity_target is None:  # latency-target points: against cycles only
             continue
         label = r.pattern if len(recipes) == 1 else f"{r.pattern} ({r.recipe})"
-        points.setdefault(label, {}).setdefault(r.sparsity_target, []).append(float(getattr(r, column)))
-    return {label: sorted((s, sum(v) / len(v)) for s, v in by.items()) for label, by in points.items()}
+        reached = r.sparsity_target if r.sparsity_achieved is None else r.sparsity_achieved
+        points.setdefault(label, {}).setdefault(r.sparsity_target, []).append((reached, float(getattr(r, column))))
+    return {
+        label: sorted(tuple(sum(axis) / len(axis) for axis in zip(*seeds)) for seeds in by.values())
+        for label, by in points.items()
+    }
 
 
 def plot_sweep(rows: list, dense_accuracy: float, out_dir: Path, title: str) -> None:
@@ -86,7 +91,7 @@ def plot_sweep(rows: list, dense_accuracy: float, out_dir: Path, title: str) -> 
         for label, points in _curves(good, column).items():
             ax.plot(*zip(*points), marker="o", label=label)
         ax.axhline(reference, color="gray", linestyle="--", label="dense" if column != "vta_speedup" else "1x")
-        ax.set_xlabel("target sparsity")
+        ax.set_xlabel("weight sparsity reached")
         ax.set_ylabel(ylabel)
         averaged = f"; mean of {seeds} seeds where run" if seeds > 1 else ""
         ax.set_title(f"{title}\ntest split; fine-tuning epochs: {epochs}{averaged}", fontsize=8)

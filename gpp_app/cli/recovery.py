@@ -46,8 +46,31 @@ KdTemperatureOpt = Annotated[
 KdWeightOpt = Annotated[float, typer.Option("--kd-weight", help="Share of the distillation loss (the rest: labels).")]
 LayerFloorOpt = Annotated[float, typer.Option("--layer-floor", help="Fraction of each layer's units never pruned.")]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", "-x", help="Layers kept dense (regex).")]
-GRADUAL_PATTERN_HELP = f"With --gradual: {', '.join(pattern_names())} (default: {DEFAULT_PATTERN})."
-GRADUAL_SCOPE_HELP = f"With --gradual: layer or global (default: {DEFAULT_SCOPE})."
+GradualPatternOpt = Annotated[
+    Optional[str],
+    typer.Option("--pattern", "-p", help=f"With --gradual: {', '.join(pattern_names())} (default: {DEFAULT_PATTERN})."),
+]
+GradualScopeOpt = Annotated[
+    Optional[str], typer.Option("--scope", help=f"With --gradual: layer or global (default: {DEFAULT_SCOPE}).")
+]
+GradualFloorOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--layer-floor",
+        help=f"With --gradual: fraction of each layer's units kept (default: {PruneOptions.layer_floor}).",
+    ),
+]
+GradualExcludeOpt = Annotated[
+    Optional[list[str]], typer.Option("--exclude", "-x", help="With --gradual: layers kept dense (regex).")
+]
+GradualUntilOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--gradual-until",
+        help=f"With --gradual: share of training over which the sparsity rises "
+        f"(default: {FinetuneOptions.gradual_until}).",
+    ),
+]
 QatEpochsOpt = Annotated[int, typer.Option("--qat-epochs", help="Last epochs trained through VTA's int8 rounding.")]
 
 
@@ -104,27 +127,12 @@ def finetune(
     kd_temperature: KdTemperatureOpt = FinetuneOptions.kd_temperature,
     kd_weight: KdWeightOpt = FinetuneOptions.kd_weight,
     gradual: Annotated[Optional[float], typer.Option("--gradual", help="Prune gradually to this sparsity.")] = None,
-    pattern: Annotated[Optional[str], typer.Option("--pattern", "-p", help=GRADUAL_PATTERN_HELP)] = None,
-    scope: Annotated[Optional[str], typer.Option("--scope", help=GRADUAL_SCOPE_HELP)] = None,
-    layer_floor: Annotated[
-        Optional[float],
-        typer.Option(
-            "--layer-floor",
-            help=f"With --gradual: fraction of each layer's units kept (default: {PruneOptions.layer_floor}).",
-        ),
-    ] = None,
+    pattern: GradualPatternOpt = None,
+    scope: GradualScopeOpt = None,
+    layer_floor: GradualFloorOpt = None,
     allow_empty_layers: AllowEmptyOpt = False,
-    exclude: Annotated[
-        Optional[list[str]], typer.Option("--exclude", "-x", help="With --gradual: layers kept dense (regex).")
-    ] = None,
-    gradual_until: Annotated[
-        Optional[float],
-        typer.Option(
-            "--gradual-until",
-            help=f"With --gradual: share of training over which the sparsity rises "
-            f"(default: {FinetuneOptions.gradual_until}).",
-        ),
-    ] = None,
+    exclude: GradualExcludeOpt = None,
+    gradual_until: GradualUntilOpt = None,
     qat_epochs: QatEpochsOpt = FinetuneOptions.qat_epochs,
     eval_limit: EvalLimitOpt = None,
     as_json: JsonOpt = False,
