@@ -32,7 +32,7 @@ DEFAULT_RECALIBRATION_IMAGES = 2000  # train images whose statistics are matched
 MAX_SCALE = 10.0
 
 
-def _channel_stats(model: onnx.ModelProto, input_name: str, tensors: list[str], images: list[np.ndarray]) -> dict:
+def channel_stats(model: onnx.ModelProto, input_name: str, tensors: list[str], images: list[np.ndarray]) -> dict:
     """Per-channel mean and variance of ``tensors`` (NCHW) over all images and pixels."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -41,18 +41,18 @@ def _channel_stats(model: onnx.ModelProto, input_name: str, tensors: list[str], 
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     sums = {t: 0.0 for t in tensors}
     squares = {t: 0.0 for t in tensors}
-    count = 0
+    counts = {t: 0 for t in tensors}  # values per channel: each tensor has its own spatial size
     for batch in images:
         outputs = session.run(None, {input_name: batch})
         for name, out in zip(tensors, outputs):
             values = out.astype(np.float64)
             sums[name] = sums[name] + values.sum(axis=(0, 2, 3))
             squares[name] = squares[name] + (values**2).sum(axis=(0, 2, 3))
-        count += outputs[0].shape[0] * outputs[0].shape[2] * outputs[0].shape[3]
+            counts[name] += out.shape[0] * out.shape[2] * out.shape[3]
     stats = {}
     for name in tensors:
-        mean = sums[name] / count
-        stats[name] = (mean, np.maximum(squares[name] / count - mean**2, 0.0))
+        mean = sums[name] / counts[name]
+        stats[name] = (mean, np.maximum(squares[name] / counts[name] - mean**2, 0.0))
     return stats
 
 
@@ -93,28 +93,40 @@ def recalibrate(
     if not calibration:
         raise UserError(f"no train images in {dataset.root} to recalibrate on; {data.LAYOUTS_HELP}")
     outputs = [node.output[0] for node in convs]
-    target = _channel_stats(dense, input_name, outputs, calibration)
+    target = channel_stats(dense, input_name, outputs, calibration)
     result = onnx.ModelProto()
     result.CopyFrom(pruned)
-    initializers = {t.name: t for t in result.graph.initializer}
     nodes = {node.output[0]: node for node in result.graph.node}
-    folded = []
-    for name in track(outputs, "recalibrating", len(outputs)):
-        node = nodes[name]
-        weight = initializers.get(node.input[1])
-        if weight is None or numpy_helper.to_array(weight).dtype.kind != "f":
-            folded.append({"node": node.name, "skipped": "weight is not a float initializer"})
-            continue
-        current_mean, current_var = _channel_stats(result, input_name, [name], calibration)[name]
-        target_mean, target_var = target[name]
-        scale = np.where(current_var > 1e-12, np.sqrt(target_var / np.maximum(current_var, 1e-12)), 1.0)
-        scale = np.minimum(scale, MAX_SCALE)  # an input left (nearly) constant by pruning would blow it up
-        shift = target_mean - scale * current_mean
-        w = numpy_helper.to_array(weight)
-        weight.CopyFrom(numpy_helper.from_array((w * scale.reshape(-1, 1, 1, 1)).astype(w.dtype), weight.name))
-        _set_bias(result, node, initializers, scale, shift, w.dtype)
-        folded.append({"node": node.name, "scale_mean": float(scale.mean()), "shift_mean": float(shift.mean())})
+    folded = [
+        match_statistics(result, nodes[name], (input_name, calibration), target[name])
+        for name in track(outputs, "recalibrating", len(outputs))
+    ]
     return result, folded
+
+
+def match_statistics(
+    model: onnx.ModelProto,
+    node: onnx.NodeProto,
+    calibration: tuple[str, list[np.ndarray]],
+    target: tuple[np.ndarray, np.ndarray],
+) -> dict:
+    """Fold into ``node``'s weight and bias (in ``model``, in place) the per-output-channel scale and
+    shift that give its output on the ``calibration`` batches (input name, batches) the ``target``
+    mean and variance; what was folded, or why nothing was."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    weight = initializers.get(node.input[1])
+    if weight is None or numpy_helper.to_array(weight).dtype.kind != "f":
+        return {"node": node.name, "skipped": "weight is not a float initializer"}
+    input_name, images = calibration
+    current_mean, current_var = channel_stats(model, input_name, [node.output[0]], images)[node.output[0]]
+    target_mean, target_var = target
+    scale = np.where(current_var > 1e-12, np.sqrt(target_var / np.maximum(current_var, 1e-12)), 1.0)
+    scale = np.minimum(scale, MAX_SCALE)  # an input left (nearly) constant by pruning would blow it up
+    shift = target_mean - scale * current_mean
+    w = numpy_helper.to_array(weight)
+    weight.CopyFrom(numpy_helper.from_array((w * scale.reshape(-1, 1, 1, 1)).astype(w.dtype), weight.name))
+    _set_bias(model, node, initializers, scale, shift, w.dtype)
+    return {"node": node.name, "scale_mean": float(scale.mean()), "shift_mean": float(shift.mean())}
 
 
 def _set_bias(

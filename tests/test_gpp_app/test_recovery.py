@@ -15,7 +15,7 @@ from onnx import numpy_helper
 
 import gpp_onnx
 from gpp_app import data
-from gpp_app.recalibrate import _channel_stats, recalibrate
+from gpp_app.recalibrate import channel_stats, recalibrate
 from gpp_onnx import UserError
 from gpp_onnx.normalization import read_normalization
 
@@ -46,8 +46,8 @@ def test_recalibration_matches_dense_statistics_and_keeps_zeros(pruned_path, den
     calibration = [
         data.normalize(x, data.IMAGENET_MEAN, data.IMAGENET_STD) for x, _ in data.iter_uint8(dataset, "train", 25)
     ]
-    target = _channel_stats(dense, "input", ["c1", "c2"], calibration)
-    got = _channel_stats(result, "input", ["c1", "c2"], calibration)
+    target = channel_stats(dense, "input", ["c1", "c2"], calibration)
+    got = channel_stats(result, "input", ["c1", "c2"], calibration)
     for name in ("c1", "c2"):
         np.testing.assert_allclose(got[name][0], target[name][0], atol=1e-3)  # means match
         np.testing.assert_allclose(np.sqrt(got[name][1]), np.sqrt(target[name][1]), rtol=1e-3, atol=1e-4)  # stds
@@ -55,6 +55,18 @@ def test_recalibration_matches_dense_statistics_and_keeps_zeros(pruned_path, den
     for name in ("w1", "w2"):
         np.testing.assert_array_equal(after[name] == 0, before[name] == 0)  # pruned tiles stay zero
     gpp_onnx.validate_annotation(result, gpp_onnx.read_annotation(result))
+
+
+def test_channel_statistics_of_tensors_of_different_sizes_are_each_their_own(dense_path, data_dir):
+    """c0 is 32x32 and c1 16x16: asking for both at once gives what asking for each alone gives (a
+    shared pixel count once divided c1's sums by c0's, shrinking later stages' targets 4x per stride)."""
+    dense, dataset = onnx.load(dense_path), data.locate(data_dir)
+    images = [data.normalize(x, data.IMAGENET_MEAN, data.IMAGENET_STD) for x, _ in data.iter_uint8(dataset, "train", 8)]
+    together = channel_stats(dense, "input", ["c0", "c1"], images)
+    for name in ("c0", "c1"):
+        alone = channel_stats(dense, "input", [name], images)[name]
+        np.testing.assert_allclose(together[name][0], alone[0], rtol=1e-9)
+        np.testing.assert_allclose(together[name][1], alone[1], rtol=1e-9)
 
 
 def test_recalibrate_command_and_prune_recalibrate(capsys, pruned_path, dense_path, data_dir, tmp_path):
