@@ -25,7 +25,9 @@ from olive.passes import Pass
 from olive.passes.onnx.common import get_external_data_config, model_proto_to_olive_model
 from olive.passes.pass_config import BasePassConfig, PassConfigParam
 
+from gpp_app.sensitivity import DEFAULT_SENSITIVITY_IMAGES, LatencyAllocation
 from gpp_onnx.errors import UserError
+from gpp_onnx.model_io import load_model
 from gpp_onnx.patterns import pattern_names
 from gpp_onnx.pruner import DEFAULT_PATTERN, DEFAULT_SCOPE, DEFAULT_SPARSITY, PruneOptions, prune
 from vta_backend.config import BOARDS, VTAConfig
@@ -64,7 +66,15 @@ def _target_params() -> dict[str, PassConfigParam]:
         "allocation": PassConfigParam(
             type_=str,
             default_value=DEFAULT_ALLOCATION,
-            description=f"With target_speedup, how the cycles are spread over the layers: {', '.join(ALLOCATIONS)}.",
+            description=f"With target_speedup, how the cycles are spread over the layers: {', '.join(ALLOCATIONS)} "
+            "(sensitivity, the most accurate, measures each layer on sensitivity_data's train images).",
+        ),
+        "sensitivity_data": PassConfigParam(
+            type_=str | Path,
+            default_value=None,
+            category=ParamCategory.PATH,
+            description="With allocation sensitivity: a CIFAR-10-style data folder whose first "
+            f"{DEFAULT_SENSITIVITY_IMAGES} train images each layer's loss is measured on.",
         ),
     }
 
@@ -139,8 +149,10 @@ def _prune(model_path: str | Path, config: BasePassConfig) -> onnx.ModelProto:
         config.allow_empty_layers,
     )
     if config.target_speedup is None:
-        if config.board is not None or config.allocation != DEFAULT_ALLOCATION:
-            raise UserError("board and allocation apply to target_speedup; give target_speedup or drop them")
+        if config.board is not None or config.allocation != DEFAULT_ALLOCATION or config.sensitivity_data is not None:
+            raise UserError(
+                "board, allocation and sensitivity_data apply to target_speedup; give target_speedup or drop them"
+            )
         pruned, report = prune(model_path, **options.arguments())
         logger.info("pruned %s to sparsity %.4f (%s, %s)", model_path, report.sparsity, options.pattern, options.scope)
         return pruned
@@ -151,7 +163,13 @@ def _prune(model_path: str | Path, config: BasePassConfig) -> onnx.ModelProto:
     vta = vta or VTAConfig()
     vta = replace(vta, BOARD=config.board) if config.board is not None else vta
     target = LatencyTarget(speedup=config.target_speedup)
-    pruned, report, latency = prune_for_latency(model_path, target, vta, options, allocation=config.allocation)
+    data = Path(config.sensitivity_data) if config.sensitivity_data is not None else None
+    allocation = LatencyAllocation(config.allocation, data)
+    loaded = load_model(model_path)
+    sensitivity = allocation.sensitivity(loaded, options, vta)
+    pruned, report, latency = prune_for_latency(
+        loaded, target, vta, options, allocation=config.allocation, sensitivity=sensitivity
+    )
     logger.info(
         "pruned %s to a simulated %.3fx on %s (target %.3fx), sparsity %.4f",
         *(model_path, latency.speedup, latency.board, config.target_speedup, report.sparsity),

@@ -16,14 +16,16 @@ from gpp_app import data
 from gpp_app.evaluate import EvalResult, RunOptions, check_fits, evaluate
 from gpp_app.finetune import FinetuneOptions, FinetuneResult, StepCallback, finetune
 from gpp_app.recalibrate import DEFAULT_RECALIBRATION_IMAGES, recalibrate_from_data
+from gpp_app.sensitivity import DEFAULT_LATENCY_ALLOCATION, LatencyAllocation
 from gpp_onnx.errors import UserError
 from gpp_onnx.model_io import LoadedModel, load_model, save_model
 from gpp_onnx.progress import Track, no_progress
 from gpp_onnx.pruner import PruneOptions, prune
 from gpp_onnx.report import Report
+from gpp_onnx.sensitivity import Sensitivity
 from gpp_onnx.weights import check_finite_weights
 from vta_backend.config import VTAConfig
-from vta_backend.latency import DEFAULT_ALLOCATION, LatencyReport, LatencyTarget, prune_for_latency
+from vta_backend.latency import LatencyReport, LatencyTarget, prune_for_latency
 
 
 def check_eval_limit(eval_limit: int | None) -> None:
@@ -61,12 +63,20 @@ def prune_latency_file(
     recalibrate_data: Path | None = None,
     recalibrate_images: int = DEFAULT_RECALIBRATION_IMAGES,
     track: Track = no_progress,
-    allocation: str = DEFAULT_ALLOCATION,
+    allocation: LatencyAllocation = DEFAULT_LATENCY_ALLOCATION,
+    measured: Sensitivity | None = None,
 ) -> tuple[Report, LatencyReport]:
     """Prune ``model`` into ``output`` to a simulated VTA latency ``target`` (then recalibrate it on
-    ``recalibrate_data`` when given); ``options`` gives the pattern, exclusions and floor."""
+    ``recalibrate_data`` when given); ``options`` gives the pattern, exclusions and floor, ``allocation``
+    how the pruning is spread (measuring the layers' sensitivity first where it says so, unless it was
+    ``measured`` already)."""
+    target.check()
+    allocation.check()
     loaded = load_model(model)
-    pruned, report, latency = prune_for_latency(loaded, target, config, options, track=track, allocation=allocation)
+    sensitivity = measured if measured is not None else allocation.sensitivity(loaded, options, config, track)
+    pruned, report, latency = prune_for_latency(
+        loaded, target, config, options, track=track, allocation=allocation.name, sensitivity=sensitivity
+    )
     _save_pruned(pruned, loaded, output, recalibrate_data, recalibrate_images, track)
     return report, latency
 

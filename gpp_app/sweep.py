@@ -38,6 +38,7 @@ from gpp_app.pipeline import (
     recalibrate_file,
 )
 from gpp_app.recalibrate import DEFAULT_RECALIBRATION_IMAGES
+from gpp_app.sensitivity import DEFAULT_SENSITIVITY_IMAGES, LatencyAllocation
 from gpp_app.sweep_executors import Dispatch, check_executor, dispatcher
 from gpp_onnx.annotation import read_kept_tiles
 from gpp_onnx.errors import UserError
@@ -45,11 +46,13 @@ from gpp_onnx.files import write_text
 from gpp_onnx.model_io import load_model
 from gpp_onnx.normalization import normalization_for
 from gpp_onnx.patterns import pattern_names
+from gpp_onnx.progress import Track, no_progress
 from gpp_onnx.pruner import PruneOptions, inspect
+from gpp_onnx.sensitivity import Sensitivity
 from gpp_onnx.weights import check_finite_weights, find_layers
 from vta_backend.calibration import CalibrationOptions
 from vta_backend.config import VTAConfig
-from vta_backend.latency import LatencyTarget
+from vta_backend.latency import ALLOCATIONS, DEFAULT_ALLOCATION, MEASURED_ALLOCATION, LatencyTarget
 
 DEFAULT_SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9)
 _PARSERS = {str: str, float: float, int: lambda text: int(float(text))}  # CSV cell -> field type
@@ -62,6 +65,8 @@ class SweepOptions:
     patterns: tuple[str, ...] = field(default_factory=pattern_names)
     sparsities: tuple[float, ...] = DEFAULT_SPARSITIES
     speedups: tuple[float, ...] = ()  # simulated VTA speedup targets (latency-target allocation), besides sparsities
+    allocation: str = DEFAULT_ALLOCATION  # how a speedup target spreads the pruning (vta_backend.latency)
+    sensitivity_images: int = DEFAULT_SENSITIVITY_IMAGES  # train images the sensitivity allocation measures on
     seeds: tuple[int, ...] = (0,)
     scope: str = "global"
     exclude: tuple[str, ...] = ()
@@ -107,6 +112,14 @@ class SweepOptions:
             parts.append(f"calibration {self.calibration.method} on {self.calibration.images} images")
         return ", ".join(parts)
 
+    def point_recipe(self, speedup: float | None) -> str:
+        """The recipe of a point: a speedup target's names its allocation where it is not the default."""
+        if speedup is None or self.allocation == DEFAULT_ALLOCATION:
+            return self.recipe
+        default_images = self.sensitivity_images == DEFAULT_SENSITIVITY_IMAGES
+        images = "" if default_images else f" on {self.sensitivity_images} images"
+        return f"{self.recipe}, {self.allocation} allocation{images}"
+
     @property
     def points(self) -> list["Point"]:
         """Every point: (pattern, sparsity target, speedup target, seed), one of the targets None."""
@@ -135,6 +148,12 @@ class SweepOptions:
             LatencyTarget(speedup=speedup).check()
         if self.speedups and self.gradual:
             raise UserError("--gradual ramps a sparsity target; it does not combine with --speedups")
+        if self.allocation not in ALLOCATIONS:
+            raise UserError(f"unknown allocation {self.allocation!r}; use one of {', '.join(ALLOCATIONS)}")
+        if not self.speedups and self.allocation != DEFAULT_ALLOCATION:
+            raise UserError("--allocation spreads the pruning of --speedups targets; give --speedups or drop it")
+        if self.sensitivity_images < 1:
+            raise UserError(f"--sensitivity-images {self.sensitivity_images} is below 1")
         if self.workers < 1 or self.epochs < 0 or not self.seeds:
             raise UserError("--workers must be 1 or more, --epochs 0 or more, and --seeds name at least one seed")
         if self.gradual and self.epochs == 0:
@@ -247,15 +266,17 @@ def write_rows(path: Path, rows: list[SweepRow]) -> None:
 Point = tuple[str, float | None, float | None, int]  # pattern, sparsity target, speedup target, seed
 
 
-def run_point(model_path: str, data_path: str, out_dir: str, point: Point, options: SweepOptions) -> SweepRow:
+def run_point(
+    model_path: str, data_path: str, out_dir: str, point: Point, options: SweepOptions, sensitivity: Sensitivity | None
+) -> SweepRow:
     """One sweep point (pattern, sparsity or speedup target, seed), in a worker process; never raises:
-    failures go into the row's ``error``."""
+    failures go into the row's ``error``. ``sensitivity``: the pattern's, for the sensitivity allocation."""
     row = _new_row(point, options)
     recipe = hashlib.sha256(options.recipe.encode()).hexdigest()[:8]
     folder = Path(out_dir) / "points" / f"{row.pattern}-{row.target}-seed{row.seed}-{recipe}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _recover(Path(model_path), Path(data_path), folder, row, options)
+        _recover(Path(model_path), Path(data_path), folder, row, (options, sensitivity))
     except Exception as exc:  # a failed point is reported, the sweep goes on
         row.error = _error_text(exc)
         if folder.is_dir():
@@ -266,7 +287,7 @@ def run_point(model_path: str, data_path: str, out_dir: str, point: Point, optio
 def _new_row(point: Point, options: SweepOptions) -> SweepRow:
     """The row of a point, before it runs."""
     pattern, sparsity, speedup, seed = point
-    return SweepRow(pattern, sparsity, options.epochs, seed, options.recipe, speedup)
+    return SweepRow(pattern, sparsity, options.epochs, seed, options.point_recipe(speedup), speedup)
 
 
 def _error_text(exc: BaseException) -> str:
@@ -274,14 +295,22 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
-def _recover(dense: Path, data_path: Path, folder: Path, row: SweepRow, options: SweepOptions) -> None:
-    """The pipeline for one point: prune, recalibrate, fine-tune, evaluate on ORT and VTA; fills ``row``."""
+def _recover(
+    dense: Path, data_path: Path, folder: Path, row: SweepRow, recipe: tuple[SweepOptions, Sensitivity | None]
+) -> None:
+    """The pipeline for one point: prune, recalibrate, fine-tune, evaluate on ORT and VTA; fills ``row``.
+    ``recipe``: the sweep's options and the pattern's measured sensitivity (sensitivity allocation)."""
+    options, sensitivity = recipe
     prune_options = options.pruning(row.pattern, row.sparsity_target or 0.0)
     final = dense  # gradual: fine-tuning prunes the dense model itself (no one-shot columns)
     if not options.gradual:
         if row.speedup_target is not None:
             target = LatencyTarget(speedup=row.speedup_target)
-            report, _ = prune_latency_file(dense, folder / "pruned.onnx", target, VTAConfig(), prune_options)
+            allocation = LatencyAllocation(options.allocation, data_path if sensitivity is not None else None)
+            report, _ = prune_latency_file(
+                *(dense, folder / "pruned.onnx", target, VTAConfig(), prune_options),
+                **dict(allocation=allocation, measured=sensitivity),
+            )
         else:
             report = prune_file(dense, folder / "pruned.onnx", prune_options)
         row.sparsity_achieved = round(report.sparsity, 6)
@@ -342,8 +371,10 @@ def sweep(
     out_dir: Path,
     options: SweepOptions,
     on_point: Callable[[SweepRow], None] = lambda row: None,
+    track: Track = no_progress,
 ) -> SweepResult:
-    """Run every missing point; returns the dense reference and all rows."""
+    """Run every missing point; returns the dense reference and all rows (``track``: the progress of
+    the sensitivity measurements)."""
     options.check()
     dataset = data.locate(data_path)
     check_sweep_inputs(load_model(model_path).model, dataset, out_dir)
@@ -351,7 +382,7 @@ def sweep(
     out_dir.mkdir(exist_ok=True)
     try:
         with _exclusive(out_dir):
-            return _sweep(model_path, data_path, dataset, out_dir, options, on_point)
+            return _sweep(model_path, data_path, dataset, out_dir, options, (on_point, track))
     except BaseException:
         if created and not any(out_dir.iterdir()):  # stopped before anything was written: leave no folder
             out_dir.rmdir()
@@ -394,8 +425,11 @@ def _exclusive(out_dir: Path) -> Iterator[None]:
         os.close(folder)
 
 
-def _sweep(model_path: Path, data_path: Path, dataset, out_dir: Path, options: SweepOptions, on_point) -> SweepResult:
-    """The body of :func:`sweep`, run while holding the folder's lock."""
+def _sweep(
+    model_path: Path, data_path: Path, dataset, out_dir: Path, options: SweepOptions, callbacks: tuple
+) -> SweepResult:
+    """The body of :func:`sweep`, run while holding the folder's lock; ``callbacks``: on_point, track."""
+    on_point, track = callbacks
     from gpp_app.plots import plot_sweep
 
     csv_path = out_dir / "results.csv"
@@ -404,12 +438,13 @@ def _sweep(model_path: Path, data_path: Path, dataset, out_dir: Path, options: S
     todo = [
         (p, s, x, seed)
         for p, s, x, seed in options.points
-        if (p, _rounded(s), _rounded(x), options.epochs, seed, options.recipe) not in done
+        if (p, _rounded(s), _rounded(x), options.epochs, seed, options.point_recipe(x)) not in done
     ]
+    measured = _sensitivities(model_path, data_path, todo, options, track)
     executor = (options.executor, options.workers, options.address, options.cpus_per_point, options.gpus_per_point)
     with dispatcher(*executor) as dispatch:  # Ray is reached (or refused) before the dense model is evaluated
         dense = _dense_reference(model_path, data_path, out_dir, options.eval_limit)
-        for row in _run_points(dispatch, model_path, data_path, out_dir, todo, options):
+        for row in _run_points(dispatch, (model_path, data_path, out_dir), todo, (options, measured)):
             rows.append(row)
             write_rows(csv_path, rows)
             on_point(row)
@@ -418,12 +453,28 @@ def _sweep(model_path: Path, data_path: Path, dataset, out_dir: Path, options: S
     return SweepResult(dense, rows, str(csv_path))
 
 
+def _sensitivities(
+    model_path: Path, data_path: Path, todo: list[Point], options: SweepOptions, track: Track
+) -> dict[str, Sensitivity]:
+    """Pattern -> its measured sensitivity, for the patterns with speedup points still to run under the
+    sensitivity allocation: measured once here, not once per point."""
+    if options.allocation != MEASURED_ALLOCATION:
+        return {}
+    model = load_model(model_path)
+    allocation = LatencyAllocation(options.allocation, data_path, options.sensitivity_images)
+    patterns = dict.fromkeys(p for p, _, speedup, _ in todo if speedup is not None)
+    return {p: allocation.sensitivity(model, options.pruning(p, 0.0), VTAConfig(), track) or {} for p in patterns}
+
+
 def _run_points(
-    dispatch: Dispatch, model_path: Path, data_path: Path, out_dir: Path, todo: list[Point], options: SweepOptions
+    dispatch: Dispatch, paths: tuple[Path, Path, Path], todo: list[Point], recipe: tuple[SweepOptions, dict]
 ) -> Iterator[SweepRow]:
     """Rows of the points in ``todo``, as ``dispatch`` finishes them (absolute paths: a Ray worker runs
-    elsewhere); a point whose task was lost gets a row with the error."""
-    args = (str(model_path.resolve()), str(data_path.resolve()), str(out_dir.resolve()))
-    for (*_, point, _), outcome in dispatch(run_point, [(*args, point, options) for point in todo]):
+    elsewhere); a point whose task was lost gets a row with the error. ``paths``: model, data, results
+    folder; ``recipe``: the options and the patterns' measured sensitivities."""
+    args = tuple(str(path.resolve()) for path in paths)
+    options, measured = recipe
+    calls = [(*args, point, options, measured.get(point[0]) if point[2] is not None else None) for point in todo]
+    for (*_, point, _, _), outcome in dispatch(run_point, calls):
         lost = isinstance(outcome, Exception)
         yield replace(_new_row(point, options), error=_error_text(outcome)) if lost else outcome

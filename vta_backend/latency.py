@@ -7,9 +7,10 @@ of the share of weight tiles the program still issues, computed once per conv sh
 linearly onto the layer's exactly simulated dense and fully pruned programs. Allocations: ``global``
 (the default) prunes the shortest prefix of the global scope's ranking (mean magnitude over the
 layer's) whose estimated total meets the budget - a global-scope sparsity chosen for the cycles;
-``layer-share`` and ``magnitude`` move, greedily, the layer whose next counts remove the least
-importance (:meth:`gpp_onnx.pruner.LayerRanking.importance`) per cycle saved, until the estimated
-total meets the budget. The pruned model is then compiled
+``sensitivity``, ``layer-share`` and ``magnitude`` move, greedily, the layer whose next counts remove
+the least importance per cycle saved, until the estimated total meets the budget: the loss the layer
+alone adds, measured on data (:mod:`gpp_onnx.sensitivity`), or its share of the weight magnitude
+(:meth:`gpp_onnx.pruner.LayerRanking.importance`). The pruned model is then compiled
 and simulated exactly, and the budget corrected by the ratio of exact to estimated cycles until
 the exact figure is within :data:`TOLERANCE` of the target. Convs that stay on the CPU are left
 dense (pruning them saves no VTA cycle) and listed with their reason. All figures are simulated.
@@ -31,6 +32,7 @@ from gpp_onnx.model_io import LoadedModel, load_model
 from gpp_onnx.progress import Track, no_progress
 from gpp_onnx.pruner import IMPORTANCE_MEASURES, LayerRanking, PruneOptions, prune_counts, rank_layers
 from gpp_onnx.report import Report
+from gpp_onnx.sensitivity import Sensitivity, sensitivity_for
 from gpp_onnx.weights import find_layers
 from vta_backend.config import VTAConfig
 from vta_backend.importer import ConvSite
@@ -43,8 +45,9 @@ from vta_backend.tiling import choose_tilings, estimate_cycles, geometry
 TOLERANCE = 0.01  # the exact simulated cycles end within 1 % of the target when the tile granularity allows
 ROUNDS = 5  # exact compilations that correct the estimate's budget, at most
 LEVELS = 48  # unit counts priced per layer (every count in smaller layers)
-ALLOCATIONS = ("global", *IMPORTANCE_MEASURES)  # how the cycles are spread over the layers (module doc)
-DEFAULT_ALLOCATION = "global"  # chosen on held-out train images (docs/results.md)
+ALLOCATIONS = ("global", "sensitivity", *IMPORTANCE_MEASURES)  # how the cycles are spread over the layers (module doc)
+DEFAULT_ALLOCATION = "global"  # the best that needs no data (docs/results.md)
+MEASURED_ALLOCATION = "sensitivity"  # the most accurate on held-out train images; needs data (docs/results.md)
 DENSITIES = np.linspace(0.0, 1.0, 41)  # issued-tile shares the estimate is evaluated at, per conv shape
 
 
@@ -165,15 +168,20 @@ def prune_for_latency(
     options: PruneOptions,
     track: Track = no_progress,
     allocation: str = DEFAULT_ALLOCATION,
+    sensitivity: Sensitivity | None = None,
 ) -> tuple[onnx.ModelProto, Report, LatencyReport]:
     """Prune ``model``'s VTA convs so that its simulated cycles on ``config``'s board meet ``target``;
-    ``allocation`` (:data:`ALLOCATIONS`) spreads the pruning over the layers, ``options`` gives the
-    pattern, exclusions and layer floor (the tile is the config's). Returns the pruned model, the
-    pruning report and the latency report. UserError when the target lies beyond what pruning every
-    prunable unit reaches."""
+    ``allocation`` (:data:`ALLOCATIONS`) spreads the pruning over the layers (``sensitivity``: with the
+    measured ``sensitivity`` of every prunable layer), ``options`` gives the pattern, exclusions and
+    layer floor (the tile is the config's). Returns the pruned model, the pruning report and the
+    latency report. UserError when the target lies beyond what pruning every prunable unit reaches."""
     target.check()
     if allocation not in ALLOCATIONS:
         raise UserError(f"unknown allocation {allocation!r}; use one of {', '.join(ALLOCATIONS)}")
+    if (allocation == MEASURED_ALLOCATION) != (sensitivity is not None):
+        raise UserError(
+            "the sensitivity allocation needs the layers' measured sensitivity (give --data), and only it uses one"
+        )
     options = replace(options, tile=config)
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     sites = conv_sites(loaded.model, config)
@@ -183,7 +191,7 @@ def prune_for_latency(
         for site in track(sites, "dense cycles", len(sites))
         if site.conv is not None and site.in_shape is not None
     }
-    tables = _tables(loaded, sites, options, skip, (config, references), allocation)
+    tables = _tables(loaded, sites, options, skip, (config, references), (allocation, sensitivity))
     fixed = sum(dense for node, (dense, _) in references.items() if node not in {t.site.node for t in tables})
     dense_cycles = sum(dense for dense, _ in references.values())
     wanted = target.cycles_for(dense_cycles)
@@ -290,10 +298,10 @@ def _tables(
     options: PruneOptions,
     skip: dict[str, str],
     pricing: tuple[VTAConfig, dict[str, tuple[int, int]]],
-    allocation: str,
+    allocation: tuple[str, Sensitivity | None],
 ) -> list[_LayerTable]:
     """A table per VTA conv that ``options`` lets prune; ``pricing``: the config and each VTA conv's
-    exactly simulated (dense, every tile pruned) cycles."""
+    exactly simulated (dense, every tile pruned) cycles; ``allocation``: its name and sensitivity."""
     config, references = pricing
     by_node = {site.node: site for site in sites if site.conv is not None}
     curves: dict[tuple, np.ndarray] = {}
@@ -309,13 +317,22 @@ def _tables(
         span = curve[-1] - curve[0]
         relative = (np.interp(shares, DENSITIES, curve) - curve[0]) / span if span > 0 else shares
         cycles = floor + (dense - floor) * relative
-        importance = ranking.importance("layer-share" if allocation == "global" else allocation)[counts]
+        importance = _importance(ranking, counts, *allocation)
         mean = ranking.units.l1.sum() / max(ranking.units.size.sum(), 1)
         scores = ranking.units.score[ranking.order] / mean if mean > 0 else np.zeros(ranking.order.size)
         tables.append(_LayerTable(ranking, site, dense, counts, importance, cycles, scores))
     if not tables:
         raise UserError("no conv that runs on VTA can be pruned; check --pattern and --exclude")
     return tables
+
+
+def _importance(
+    ranking: LayerRanking, counts: np.ndarray, allocation: str, sensitivity: Sensitivity | None
+) -> np.ndarray:
+    """The importance that pruning the layer's first ``counts`` units removes, as ``allocation`` weighs it."""
+    if sensitivity is not None:
+        return sensitivity_for(sensitivity, ranking.layer.weight, int(ranking.order.size)).at(counts)
+    return ranking.importance("layer-share" if allocation == "global" else allocation)[counts]
 
 
 def _shape_curve(site: ConvSite, config: VTAConfig, cache: dict[tuple, np.ndarray]) -> np.ndarray:

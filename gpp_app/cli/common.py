@@ -207,3 +207,15 @@ PerChannelOpt = Annotated[
         show_default=False,
     ),
 ]
+AllocationOpt = Annotated[
+    str,
+    typer.Option(
+        "--allocation",
+        help="With a latency target: global (the global scope's ranking, pruned until the cycles meet the target), "
+        "sensitivity (each layer's loss measured on --data train images, priced in cycles: the most accurate), "
+        "layer-share or magnitude (weight magnitude priced in cycles).",
+    ),
+]
+SensitivityImagesOpt = Annotated[
+    int, typer.Option("--sensitivity-images", help="Train images (the first) the sensitivity allocation measures on.")
+]

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from gpp_app.cli.common import (
+    AllocationOpt,
     AllowEmptyOpt,
     BoardOpt,
     JsonOpt,
@@ -16,6 +17,7 @@ from gpp_app.cli.common import (
     ModelArg,
     Output,
     PlotOpt,
+    SensitivityImagesOpt,
     StdOpt,
     TileOpt,
     VtaConfigOpt,
@@ -28,6 +30,7 @@ from gpp_app.cli.common import (
     stdout,
 )
 from gpp_app.recalibrate import DEFAULT_RECALIBRATION_IMAGES
+from gpp_app.sensitivity import DEFAULT_SENSITIVITY_IMAGES, LatencyAllocation
 from gpp_onnx.errors import UserError
 from gpp_onnx.model_io import check_input_path, check_output_path, load_model, save_model
 from gpp_onnx.normalization import normalization_for, normalization_source, write_normalization
@@ -53,13 +56,9 @@ TargetSpeedupOpt = Annotated[
         help="Instead of a sparsity: prune VTA convs until the simulated speedup over the dense program is this.",
     ),
 ]
-AllocationOpt = Annotated[
-    str,
-    typer.Option(
-        "--allocation",
-        help="With a latency target: global (the global scope's ranking, pruned until the cycles meet the target), "
-        "layer-share or magnitude (units priced in cycles).",
-    ),
+SensitivityDataOpt = Annotated[
+    Optional[Path],
+    typer.Option("--data", help="CIFAR-10-style data whose train images --allocation sensitivity measures on."),
 ]
 TargetCyclesOpt = Annotated[
     Optional[int],
@@ -69,6 +68,11 @@ ExcludeOpt = Annotated[
     Optional[list[str]],
     typer.Option("--exclude", "-x", help="Regex on node or weight names to keep dense; repeatable."),
 ]
+RecalibrateOpt = Annotated[
+    Optional[Path],
+    typer.Option("--recalibrate", help="Then match each pruned conv's output statistics to MODEL's on this data."),
+]
+RecalibrateImagesOpt = Annotated[int, typer.Option("--recalibrate-images", help="Train images for that.")]
 IncludeFcOpt = Annotated[bool, typer.Option("--include-fc", help="Also prune Gemm/MatMul with constant weights.")]
 
 
@@ -130,6 +134,8 @@ def prune(
     target_speedup: TargetSpeedupOpt = None,
     target_cycles: TargetCyclesOpt = None,
     allocation: AllocationOpt = DEFAULT_ALLOCATION,
+    sensitivity_data: SensitivityDataOpt = None,
+    sensitivity_images: SensitivityImagesOpt = DEFAULT_SENSITIVITY_IMAGES,
     vta_config: VtaConfigOpt = None,
     board: BoardOpt = None,
     tile: TileOpt = None,
@@ -142,13 +148,8 @@ def prune(
     allow_empty_layers: AllowEmptyOpt = False,
     as_json: JsonOpt = False,
     plot: PlotOpt = None,
-    recalibrate_data: Annotated[
-        Optional[Path],
-        typer.Option("--recalibrate", help="Then match each pruned conv's output statistics to MODEL's on this data."),
-    ] = None,
-    recalibrate_images: Annotated[
-        int, typer.Option("--recalibrate-images", help="Train images for that.")
-    ] = DEFAULT_RECALIBRATION_IMAGES,
+    recalibrate_data: RecalibrateOpt = None,
+    recalibrate_images: RecalibrateImagesOpt = DEFAULT_RECALIBRATION_IMAGES,
 ) -> Output:
     """Prune the conv weights of MODEL and write the sparse-tile annotation into the output."""
     from gpp_app.pipeline import prune_file
@@ -168,13 +169,17 @@ def prune(
         allow_empty_layers,
     )
     recalibration = (recalibrate_data, recalibrate_images)
+    spread = LatencyAllocation(allocation, sensitivity_data, sensitivity_images)
     if target_speedup is not None or target_cycles is not None:
         target = LatencyTarget(target_speedup, target_cycles)
         config = load_vta_config(vta_config, board)
-        latency = (target, config, allocation)
+        latency = (target, config, spread)
         return _prune_for_latency(model, output, latency, options, (sparsity, scope, tile), recalibration, plot)
-    if vta_config is not None or board is not None:
-        raise UserError("--vta-config and --board set the cycle model of --target-speedup / --target-cycles; give one")
+    if vta_config is not None or board is not None or spread != LatencyAllocation():
+        raise UserError(
+            "--vta-config, --board, --allocation and --data set how --target-speedup / --target-cycles prune; "
+            "give one, or drop them"
+        )
     report = prune_file(model, output, options, *recalibration, track=progress)
     return report_output(report, f"{model} -> {output}", plot)
 
@@ -182,7 +187,7 @@ def prune(
 def _prune_for_latency(
     model: Path,
     output: Path,
-    latency_target: tuple[LatencyTarget, VTAConfig, str],
+    latency_target: tuple[LatencyTarget, VTAConfig, LatencyAllocation],
     options: PruneOptions,
     sparsity_options: tuple[object, object, object],
     recalibration: tuple[Path | None, int],

@@ -12,12 +12,14 @@ from rich.progress import Progress, TextColumn
 from rich.table import Table
 
 from gpp_app.cli.common import (
+    AllocationOpt,
     AllowEmptyOpt,
     DataOpt,
     EvalLimitOpt,
     JsonOpt,
     ModelArg,
     Output,
+    SensitivityImagesOpt,
     command,
     parse_list,
     progress,
@@ -227,6 +229,9 @@ SpeedupsOpt = Annotated[
         help="Comma-separated simulated VTA speedup targets (latency-target pruning on the pynq cycle model).",
     ),
 ]
+CalibrationImagesOpt = Annotated[
+    int, typer.Option("--calibration-images", help="Train images to calibrate VTA's activation scales on.")
+]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="Points run in parallel processes (--executor local).")]
 ExecutorOpt = Annotated[
     str, typer.Option("--executor", help="local (this machine's processes) or ray (one Ray task per point).")
@@ -254,6 +259,8 @@ def sweep_command(
     patterns: Annotated[str, typer.Option("--patterns", help="Comma-separated patterns.")] = ",".join(pattern_names()),
     sparsities: SparsitiesOpt = None,
     speedups: SpeedupsOpt = None,
+    allocation: AllocationOpt = SweepOptions.allocation,
+    sensitivity_images: SensitivityImagesOpt = SweepOptions.sensitivity_images,
     seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated fine-tuning seeds per point.")] = "0",
     epochs: EpochsOpt = FinetuneOptions.epochs,
     lr: LrOpt = FinetuneOptions.lr,
@@ -276,9 +283,7 @@ def sweep_command(
     address: AddressOpt = SweepOptions.address,
     cpus_per_point: CpusPerPointOpt = SweepOptions.cpus_per_point,
     gpus_per_point: GpusPerPointOpt = SweepOptions.gpus_per_point,
-    calibration_images: Annotated[
-        int, typer.Option("--calibration-images", help="Train images to calibrate VTA's activation scales on.")
-    ] = CalibrationOptions.images,
+    calibration_images: CalibrationImagesOpt = CalibrationOptions.images,
     eval_limit: EvalLimitOpt = None,
     as_json: JsonOpt = False,
 ) -> Output:
@@ -290,6 +295,8 @@ def sweep_command(
         patterns=tuple(parse_list(patterns, "--patterns", str, "group,block")),
         sparsities=_sparsities(sparsities, speedups),
         speedups=tuple(parse_list(speedups, "--speedups", float, "1.3,1.5,1.7")) if speedups else (),
+        allocation=allocation,
+        sensitivity_images=sensitivity_images,
         seeds=tuple(parse_list(seeds, "--seeds", int, "0,1")),
         finetune=FinetuneOptions(
             **dict(epochs=epochs, lr=lr, restore_bn=restore_bn, qat_epochs=qat_epochs),
@@ -302,7 +309,7 @@ def sweep_command(
         calibration=CalibrationOptions(images=calibration_images),
         eval_limit=eval_limit,
     )
-    result = sweep(model, data_dir or default_data_dir(), output, options, _report_point)
+    result = sweep(model, data_dir or default_data_dir(), output, options, _report_point, progress)
     return Output(result.to_dict(), lambda: _print_sweep(result, output))
 
 

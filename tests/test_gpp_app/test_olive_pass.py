@@ -106,8 +106,10 @@ def test_latency_target_and_vta_config(model_path, tmp_path):
         ({"pattern": "diagonal"}, "unknown pattern 'diagonal'; use one of group, block, channel, element"),
         ({"sparsity": 1.5}, "sparsity 1.5 is outside [0, 1)"),
         ({"tile": "vta_config.json"}, "tile takes OUTxIN; give a VTA config file as vta_config instead"),
-        ({"board": "pynq"}, "board and allocation apply to target_speedup"),
-        ({"allocation": "magnitude"}, "board and allocation apply to target_speedup"),
+        ({"board": "pynq"}, "board, allocation and sensitivity_data apply to target_speedup"),
+        ({"allocation": "magnitude"}, "board, allocation and sensitivity_data apply to target_speedup"),
+        ({"sensitivity_data": "data"}, "board, allocation and sensitivity_data apply to target_speedup"),
+        ({"target_speedup": 1.2, "allocation": "sensitivity"}, "the sensitivity allocation measures each layer"),
         ({"target_speedup": 1.2, "scope": "global"}, "scope and tile do not apply with target_speedup"),
     ],
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from helpers import tiny_cnn, weight
@@ -9,6 +11,7 @@ from helpers import tiny_cnn, weight
 import gpp_onnx
 from gpp_onnx import UserError
 from gpp_onnx.pruner import PruneOptions, rank_layers
+from gpp_onnx.sensitivity import LayerSensitivity
 from vta_backend import VTAConfig
 from vta_backend.latency import LatencyTarget, prune_for_latency
 from vta_backend.model import compile_model
@@ -102,3 +105,39 @@ def test_latency_pruning_does_not_modify_its_input():
     prune_for_latency(model, LatencyTarget(speedup=1.3), CONFIG, PruneOptions())
     assert model.SerializeToString() == before
     assert np.isfinite(compile_model(model, CONFIG).report().cycles)
+
+
+def _sensitivity(options: PruneOptions, losses: dict[str, float]) -> dict[str, LayerSensitivity]:
+    """A sensitivity in which pruning all of a layer's units adds ``losses[weight]``, linearly."""
+    rankings = rank_layers(tiny_cnn(), replace(options, tile=CONFIG), {"w0": "on the CPU"})
+    return {
+        r.layer.weight: LayerSensitivity(np.array([0, r.order.size]), np.array([0.0, losses[r.layer.weight]]))
+        for r in rankings
+    }
+
+
+def test_the_sensitivity_allocation_spares_the_layer_whose_pruning_costs_most_loss():
+    options = PruneOptions(pattern="group")
+    target = LatencyTarget(speedup=1.2)
+    pruned = {}
+    for fragile in ("w1", "w2"):
+        sensitivity = _sensitivity(options, {"w1": 1.0, "w2": 1.0} | {fragile: 100.0})
+        _, _, latency = prune_for_latency(
+            tiny_cnn(), target, CONFIG, options, allocation="sensitivity", sensitivity=sensitivity
+        )
+        assert latency.speedup == pytest.approx(1.2, rel=0.02)
+        pruned[fragile] = {layer.weight: layer.units_pruned for layer in latency.layers}
+    assert pruned["w1"]["w1"] < pruned["w2"]["w1"] and pruned["w2"]["w2"] < pruned["w1"]["w2"]
+
+
+def test_the_sensitivity_allocation_needs_a_sensitivity_of_the_same_layers():
+    options = PruneOptions(pattern="group")
+    target = LatencyTarget(speedup=1.2)
+    with pytest.raises(UserError, match="needs the layers' measured sensitivity"):
+        prune_for_latency(tiny_cnn(), target, CONFIG, options, allocation="sensitivity")
+    measured = _sensitivity(options, {"w1": 1.0, "w2": 1.0})
+    with pytest.raises(UserError, match="only it uses one"):
+        prune_for_latency(tiny_cnn(), target, CONFIG, options, sensitivity=measured)
+    with pytest.raises(UserError, match="measure it on this model with the same --pattern"):
+        other = _sensitivity(PruneOptions(pattern="block"), {"w1": 1.0, "w2": 1.0})
+        prune_for_latency(tiny_cnn(), target, CONFIG, options, allocation="sensitivity", sensitivity=other)
