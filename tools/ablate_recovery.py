@@ -60,23 +60,27 @@ COLUMNS = [
 ]
 
 
-def heldout_accuracy(model_path: Path, dataset: data.Dataset, start: int) -> tuple[float, float, int]:
-    """Top-1 on train images ``start`` and later: ONNX Runtime fp32, and the VTA backend (int8,
-    calibrated on the first train images as ``gpp-onnx run`` does)."""
+def heldout_accuracy(
+    model_path: Path, dataset: data.Dataset, start: int, with_vta: bool = True
+) -> tuple[float, float | None, int]:
+    """Top-1 on train images ``start`` and later: ONNX Runtime fp32, and (``with_vta``) the VTA backend
+    (int8, calibrated on the first train images as ``gpp-onnx run`` does; else None)."""
     model = load_model(model_path).model
     model_input = data.model_input(model)
     images, labels = split_in_memory(str(dataset.root), dataset.layout, "train", None)
     mean, std = normalization_for(model)
-    fp32 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    vta, _ = vta_session(model, read_kept_tiles(model), dataset, (mean, std), RunOptions())
-    correct = np.zeros(2, int)
+    sessions = [ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])]
+    if with_vta:
+        sessions.append(vta_session(model, read_kept_tiles(model), dataset, (mean, std), RunOptions())[0])
+    correct = np.zeros(len(sessions), int)
     for i in range(start, len(labels), 500):
         feeds = data.model_feed(*model_input, images[i : i + 500], mean, std)
-        for k, session in enumerate((fp32, vta)):
+        for k, session in enumerate(sessions):
             correct[k] += int((session.run(None, feeds)[0].argmax(1) == labels[i : i + 500]).sum())
-    vta.close()
+    for session in sessions[1:]:
+        session.close()
     count = len(labels) - start
-    return correct[0] / count, correct[1] / count, count
+    return correct[0] / count, (correct[1] / count if with_vta else None), count
 
 
 def run(args: argparse.Namespace, pattern: str, sparsity: float, config: str) -> dict:
