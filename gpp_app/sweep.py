@@ -272,7 +272,7 @@ def run_point(
     """One sweep point (pattern, sparsity or speedup target, seed), in a worker process; never raises:
     failures go into the row's ``error``. ``sensitivity``: the pattern's, for the sensitivity allocation."""
     row = _new_row(point, options)
-    recipe = hashlib.sha256(options.recipe.encode()).hexdigest()[:8]
+    recipe = hashlib.sha256(row.recipe.encode()).hexdigest()[:8]  # allocations at one speed: folders of their own
     folder = Path(out_dir) / "points" / f"{row.pattern}-{row.target}-seed{row.seed}-{recipe}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -307,10 +307,9 @@ def _recover(
         if row.speedup_target is not None:
             target = LatencyTarget(speedup=row.speedup_target)
             allocation = LatencyAllocation(options.allocation, data_path if sensitivity is not None else None)
-            report, _ = prune_latency_file(
-                *(dense, folder / "pruned.onnx", target, VTAConfig(), prune_options),
-                **dict(allocation=allocation, measured=sensitivity),
-            )
+            pruned = folder / "pruned.onnx"
+            latency_options = dict(allocation=allocation, measured=sensitivity)
+            report, _ = prune_latency_file(dense, pruned, target, VTAConfig(), prune_options, **latency_options)
         else:
             report = prune_file(dense, folder / "pruned.onnx", prune_options)
         row.sparsity_achieved = round(report.sparsity, 6)

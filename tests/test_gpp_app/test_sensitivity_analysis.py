@@ -97,6 +97,10 @@ def test_sweep_speedups_with_the_sensitivity_allocation_name_it_in_the_recipe(ca
     assert rows[("", "1.2")]["recipe"].endswith(", sensitivity allocation")
     assert "allocation" not in rows[("0.5", "")]["recipe"]  # a sparsity target allocates no cycles
     assert float(rows[("", "1.2")]["vta_speedup"]) == pytest.approx(1.2, rel=0.02)
+    code, _, _ = run_cli(capsys, *args, "--speedups", "1.2")  # the default allocation at the same speed: a new point
+    with open(out / "results.csv", newline="") as f:
+        assert len([r for r in csv.DictReader(f) if r["speedup_target"] == "1.2"]) == 2
+    assert code == 0 and len(list((out / "points").glob("group-1.2x-seed0-*"))) == 2  # each its own models
 
 
 def test_sweep_allocation_without_speedups_is_refused(capsys, model_path, data_dir, tmp_path):
