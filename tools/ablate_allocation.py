@@ -8,7 +8,8 @@ at the sparsity whose simulated speed is nearest the target (bisection on the cy
 model is recalibrated, fine-tuned (the ``sweep`` recipe: batch-norm restored, one-cycle lr 0.05,
 distillation from the dense model) on the first ``--train`` train images, and scored with ONNX
 Runtime fp32 (and the VTA backend with ``--vta``) on train images 45,000-49,999 - never the test
-split. Rows go to a CSV as they finish; a rerun skips the rows already there.
+split. Rows go to a CSV as they finish; a rerun skips the rows already there. The plot beside the
+CSV (same name, .png) shows each allocation's held-out accuracy against the simulated speedup.
 
     python tools/ablate_allocation.py resnet20-jpeg.onnx --speedups 1.3,1.5,1.7 --seeds 0,1 \
         --allocations uniform,global,sensitivity --epochs 1 --train 10000 -o docs/results/allocation-heldout.csv
@@ -28,6 +29,7 @@ from ablate_recovery import DATA_DIR, heldout_accuracy, write_rows
 
 from gpp_app import data
 from gpp_app.finetune import FinetuneOptions, finetune
+from gpp_app.plots import save_figure
 from gpp_app.recalibrate import recalibrate_from_data
 from gpp_app.sensitivity import LatencyAllocation
 from gpp_onnx import load_model, prune, save_model
@@ -107,6 +109,36 @@ def run(args: argparse.Namespace, allocation: str, speedup: float, seed: int, me
     }
 
 
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Held-out accuracy against simulated speedup: each seed a point, each allocation's mean a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for allocation in dict.fromkeys(r["allocation"] for r in rows):
+        mine = [r for r in rows if r["allocation"] == allocation]
+        speeds = sorted({float(r["speedup_target"]) for r in mine})
+        means = [
+            np.mean([float(r["heldout_accuracy"]) for r in mine if float(r["speedup_target"]) == s]) for s in speeds
+        ]
+        line = ax.plot(speeds, means, marker="o", label=allocation)[0]
+        ax.scatter(
+            [float(r["speedup"]) for r in mine],
+            [float(r["heldout_accuracy"]) for r in mine],
+            s=12,
+            color=line.get_color(),
+            alpha=0.5,
+        )
+    ax.set_xlabel("simulated VTA speedup (pynq)")
+    ax.set_ylabel("top-1, held-out train images (ORT fp32)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path, help="the dense ONNX model")
@@ -143,6 +175,8 @@ def main() -> None:
                 rows.append(run(args, allocation, speedup, seed, measured))
                 print(rows[-1], f"{time.perf_counter() - began:.0f} s", flush=True)
                 write_rows(args.output, rows, COLUMNS)
+    title = f"{args.model.name}: allocations at equal simulated speed, {args.epochs} epoch(s) on {args.train} images"
+    plot(rows, args.output.with_suffix(".png"), title)
 
 
 if __name__ == "__main__":
