@@ -31,7 +31,7 @@ from gpp_onnx.model_io import load_model
 from gpp_onnx.patterns import pattern_names
 from gpp_onnx.pruner import DEFAULT_PATTERN, DEFAULT_SCOPE, DEFAULT_SPARSITY, PruneOptions, prune
 from vta_backend.config import BOARDS, VTAConfig
-from vta_backend.latency import ALLOCATIONS, DEFAULT_ALLOCATION, LatencyTarget, prune_for_latency
+from vta_backend.latency import ALLOCATIONS, DEFAULT_ALLOCATION, LatencyTarget
 
 PACKAGE_CONFIG = Path(__file__).with_name("olive_package_config.json")
 
@@ -165,11 +165,7 @@ def _prune(model_path: str | Path, config: BasePassConfig) -> onnx.ModelProto:
     target = LatencyTarget(speedup=config.target_speedup)
     data = Path(config.sensitivity_data) if config.sensitivity_data is not None else None
     allocation = LatencyAllocation(config.allocation, data)
-    loaded = load_model(model_path)
-    sensitivity = allocation.sensitivity(loaded, options, vta)
-    pruned, report, latency = prune_for_latency(
-        loaded, target, vta, options, allocation=config.allocation, sensitivity=sensitivity
-    )
+    pruned, report, latency = allocation.prune(load_model(model_path), (target, vta), options)
     logger.info(
         "pruned %s to a simulated %.3fx on %s (target %.3fx), sparsity %.4f",
         *(model_path, latency.speedup, latency.board, config.target_speedup, report.sparsity),

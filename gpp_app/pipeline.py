@@ -25,7 +25,7 @@ from gpp_onnx.report import Report
 from gpp_onnx.sensitivity import Sensitivity
 from gpp_onnx.weights import check_finite_weights
 from vta_backend.config import VTAConfig
-from vta_backend.latency import LatencyReport, LatencyTarget, prune_for_latency
+from vta_backend.latency import LatencyReport, LatencyTarget
 
 
 def check_eval_limit(eval_limit: int | None) -> None:
@@ -70,13 +70,8 @@ def prune_latency_file(
     ``recalibrate_data`` when given); ``options`` gives the pattern, exclusions and floor, ``allocation``
     how the pruning is spread (measuring the layers' sensitivity first where it says so, unless it was
     ``measured`` already)."""
-    target.check()
-    allocation.check()
     loaded = load_model(model)
-    sensitivity = measured if measured is not None else allocation.sensitivity(loaded, options, config, track)
-    pruned, report, latency = prune_for_latency(
-        loaded, target, config, options, track=track, allocation=allocation.name, sensitivity=sensitivity
-    )
+    pruned, report, latency = allocation.prune(loaded, (target, config), options, measured, track)
     _save_pruned(pruned, loaded, output, recalibrate_data, recalibrate_images, track)
     return report, latency
 

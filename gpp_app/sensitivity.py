@@ -28,10 +28,19 @@ from gpp_onnx.model_io import LoadedModel, image_input
 from gpp_onnx.normalization import normalization_for
 from gpp_onnx.progress import Track, no_progress
 from gpp_onnx.pruner import LayerRanking, PruneOptions, prune_counts, rank_layers
-from gpp_onnx.sensitivity import LayerSensitivity
+from gpp_onnx.report import Report
+from gpp_onnx.sensitivity import LayerSensitivity, Sensitivity
 from gpp_onnx.weights import GraphIndex, Layer
 from vta_backend.config import VTAConfig
-from vta_backend.latency import ALLOCATIONS, DEFAULT_ALLOCATION, MEASURED_ALLOCATION, cpu_layers
+from vta_backend.latency import (
+    DEFAULT_ALLOCATION,
+    MEASURED_ALLOCATION,
+    LatencyReport,
+    LatencyTarget,
+    check_allocation,
+    cpu_layers,
+    prune_for_latency,
+)
 from vta_backend.model import conv_sites
 
 DEFAULT_SENSITIVITY_IMAGES = 1000  # train images the loss and the statistics are measured on
@@ -53,10 +62,12 @@ def measure_sensitivity(
     dataset = data.locate(data_path)
     check_data_fits(dataset, "train", dims, name)
     batches = _batches(model.model, dataset, images)
+    inputs = [x for x, _ in batches]
     rankings = rank_layers(model, options, skip)
-    convs = {r.layer.weight: _single_conv(model.model, r.layer) for r in rankings}
+    index = GraphIndex(model.model.graph)
+    convs = {r.layer.weight: _single_conv(model.model, index, r.layer) for r in rankings}
     outputs = [conv.output[0] for conv in convs.values() if conv is not None]
-    target = channel_stats(model.model, name, outputs, [x for x, _ in batches])
+    target = channel_stats(model.model, name, outputs, inputs)
     dense_loss = _loss(model.model, batches)
     plan = [(ranking, int(k)) for ranking in rankings for k in _levels(ranking) if k > 0]
     losses: dict[str, list[float]] = {ranking.layer.weight: [0.0] for ranking in rankings}
@@ -66,7 +77,7 @@ def measure_sensitivity(
         conv = convs[weight]
         if conv is not None:
             node = next(n for n in pruned.graph.node if n.output[:1] == conv.output[:1])
-            match_statistics(pruned, node, (name, [x for x, _ in batches]), target[conv.output[0]])
+            match_statistics(pruned, node, (name, inputs), target[conv.output[0]])
         losses[weight].append(_loss(pruned, batches) - dense_loss)
     return {
         ranking.layer.weight: LayerSensitivity(_levels(ranking), np.array(losses[ranking.layer.weight]))
@@ -94,10 +105,10 @@ def _batches(model: onnx.ModelProto, dataset: data.Dataset, images: int) -> list
     return batches
 
 
-def _single_conv(model: onnx.ModelProto, layer: Layer) -> onnx.NodeProto | None:
+def _single_conv(model: onnx.ModelProto, index: GraphIndex, layer: Layer) -> onnx.NodeProto | None:
     """The one float Conv that consumes the layer's weight, whose statistics can be matched; None for
-    a shared, quantized or other weight (its sensitivity is then measured without the matching)."""
-    index = GraphIndex(model.graph)
+    a shared, quantized or other weight (its sensitivity is then measured without the matching).
+    ``index``: the model graph's."""
     nodes = [node for node_name, node in zip(index.names, model.graph.node) if node_name in layer.nodes]
     float_2d = layer.stored is not None and layer.stored.values.dtype.kind == "f" and len(layer.shape) == 4
     return nodes[0] if len(nodes) == 1 and nodes[0].op_type == "Conv" and float_2d else None
@@ -134,10 +145,15 @@ class LatencyAllocation:
     data: Path | None = None
     images: int = DEFAULT_SENSITIVITY_IMAGES
 
+    def check_settings(self) -> None:
+        """A known allocation and an image count of 1 or more (UserError otherwise)."""
+        check_allocation(self.name)
+        if self.images < 1:
+            raise UserError(f"--sensitivity-images {self.images} is below 1")
+
     def check(self) -> None:
-        """Data exactly when the allocation measures (UserError otherwise), before any work."""
-        if self.name not in ALLOCATIONS:
-            raise UserError(f"unknown allocation {self.name!r}; use one of {', '.join(ALLOCATIONS)}")
+        """The settings, and data exactly when the allocation measures (UserError otherwise), before any work."""
+        self.check_settings()
         if self.name == MEASURED_ALLOCATION and self.data is None:
             raise UserError(
                 "the sensitivity allocation measures each layer on train images: give their folder (--data)"
@@ -146,8 +162,6 @@ class LatencyAllocation:
             raise UserError(
                 "data are read by the sensitivity allocation only (--allocation sensitivity); add it or drop them"
             )
-        if self.images < 1:
-            raise UserError(f"--sensitivity-images {self.images} is below 1")
 
     def sensitivity(
         self, model: LoadedModel, options: PruneOptions, config: VTAConfig, track: Track = no_progress
@@ -159,6 +173,24 @@ class LatencyAllocation:
             return None
         skip = cpu_layers(model.model, conv_sites(model.model, config))
         return measure_sensitivity(model, replace(options, tile=config), skip, self.data, self.images, track)
+
+    def prune(
+        self,
+        model: LoadedModel,
+        goal: tuple[LatencyTarget, VTAConfig],
+        options: PruneOptions,
+        measured: Sensitivity | None = None,
+        track: Track = no_progress,
+    ) -> tuple[onnx.ModelProto, Report, LatencyReport]:
+        """:func:`vta_backend.latency.prune_for_latency` to ``goal`` (the target and its cycle model) with
+        this allocation, measuring the sensitivity first where it needs one and none was ``measured``."""
+        target, config = goal
+        target.check()
+        self.check()
+        sensitivity = measured if measured is not None else self.sensitivity(model, options, config, track)
+        return prune_for_latency(
+            model, target, config, options, track=track, allocation=self.name, sensitivity=sensitivity
+        )
 
 
 DEFAULT_LATENCY_ALLOCATION = LatencyAllocation()  # the default allocation, measuring nothing

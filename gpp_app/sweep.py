@@ -52,7 +52,7 @@ from gpp_onnx.sensitivity import Sensitivity
 from gpp_onnx.weights import check_finite_weights, find_layers
 from vta_backend.calibration import CalibrationOptions
 from vta_backend.config import VTAConfig
-from vta_backend.latency import ALLOCATIONS, DEFAULT_ALLOCATION, MEASURED_ALLOCATION, LatencyTarget
+from vta_backend.latency import DEFAULT_ALLOCATION, MEASURED_ALLOCATION, LatencyTarget
 
 DEFAULT_SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9)
 _PARSERS = {str: str, float: float, int: lambda text: int(float(text))}  # CSV cell -> field type
@@ -148,12 +148,9 @@ class SweepOptions:
             LatencyTarget(speedup=speedup).check()
         if self.speedups and self.gradual:
             raise UserError("--gradual ramps a sparsity target; it does not combine with --speedups")
-        if self.allocation not in ALLOCATIONS:
-            raise UserError(f"unknown allocation {self.allocation!r}; use one of {', '.join(ALLOCATIONS)}")
+        LatencyAllocation(self.allocation, images=self.sensitivity_images).check_settings()
         if not self.speedups and self.allocation != DEFAULT_ALLOCATION:
             raise UserError("--allocation spreads the pruning of --speedups targets; give --speedups or drop it")
-        if self.sensitivity_images < 1:
-            raise UserError(f"--sensitivity-images {self.sensitivity_images} is below 1")
         if self.workers < 1 or self.epochs < 0 or not self.seeds:
             raise UserError("--workers must be 1 or more, --epochs 0 or more, and --seeds name at least one seed")
         if self.gradual and self.epochs == 0:

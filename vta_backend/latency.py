@@ -176,8 +176,7 @@ def prune_for_latency(
     layer floor (the tile is the config's). Returns the pruned model, the pruning report and the
     latency report. UserError when the target lies beyond what pruning every prunable unit reaches."""
     target.check()
-    if allocation not in ALLOCATIONS:
-        raise UserError(f"unknown allocation {allocation!r}; use one of {', '.join(ALLOCATIONS)}")
+    check_allocation(allocation)
     if (allocation == MEASURED_ALLOCATION) != (sensitivity is not None):
         raise UserError(
             "the sensitivity allocation needs the layers' measured sensitivity (give --data), and only it uses one"
@@ -203,6 +202,12 @@ def prune_for_latency(
     floor = sum(f for _, f in references.values())
     report = _latency_report(config, (wanted, dense_cycles, floor), sites, tables, attempt)
     return attempt.model, attempt.report, report
+
+
+def check_allocation(allocation: str) -> None:
+    """UserError unless ``allocation`` is one of :data:`ALLOCATIONS`."""
+    if allocation not in ALLOCATIONS:
+        raise UserError(f"unknown allocation {allocation!r}; use one of {', '.join(ALLOCATIONS)}")
 
 
 def _search(

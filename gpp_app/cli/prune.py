@@ -30,7 +30,7 @@ from gpp_app.cli.common import (
     stdout,
 )
 from gpp_app.recalibrate import DEFAULT_RECALIBRATION_IMAGES
-from gpp_app.sensitivity import DEFAULT_SENSITIVITY_IMAGES, LatencyAllocation
+from gpp_app.sensitivity import DEFAULT_LATENCY_ALLOCATION, DEFAULT_SENSITIVITY_IMAGES, LatencyAllocation
 from gpp_onnx.errors import UserError
 from gpp_onnx.model_io import check_input_path, check_output_path, load_model, save_model
 from gpp_onnx.normalization import normalization_for, normalization_source, write_normalization
@@ -175,7 +175,7 @@ def prune(
         config = load_vta_config(vta_config, board)
         latency = (target, config, spread)
         return _prune_for_latency(model, output, latency, options, (sparsity, scope, tile), recalibration, plot)
-    if vta_config is not None or board is not None or spread != LatencyAllocation():
+    if vta_config is not None or board is not None or spread != DEFAULT_LATENCY_ALLOCATION:
         raise UserError(
             "--vta-config, --board, --allocation and --data set how --target-speedup / --target-cycles prune; "
             "give one, or drop them"
